@@ -1,0 +1,78 @@
+//! Types every kvmaccess crate shares: guest address newtypes, the register snapshot of one vCPU,
+//! and the capability traits a backend implements.
+//!
+//! Capabilities are separate traits so that a memory dump implements only what a dump can do
+//! (read memory, report the registers it recorded) and the compiler tells a tool that needs
+//! `VmControl` that a dump will not do.
+
+#![forbid(unsafe_code)]
+
+mod addr;
+mod error;
+mod regs;
+
+pub use addr::{Gfn, Gpa, Gva, PhysRange, PAGE_SIZE};
+pub use error::Error;
+pub use regs::{DescriptorTable, Registers, Segment};
+
+/// Guest-physical memory that can be read.
+///
+/// Implementations must never panic on any address or length: a read that touches a hole or runs
+/// past the end of guest RAM returns [`Error::PhysUnmapped`] naming the first missing address.
+pub trait PhysicalMemory: Send + Sync {
+    /// Fill `buf` with the bytes at `gpa..gpa + buf.len()`.
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error>;
+
+    /// The guest-physical ranges that hold RAM, sorted and non-overlapping.
+    fn ranges(&self) -> &[PhysRange];
+
+    /// Read a little-endian `u64`; page-table walkers call this in their inner loop.
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, Error> {
+        let mut raw = [0u8; 8];
+        self.read_phys(gpa, &mut raw)?;
+        Ok(u64::from_le_bytes(raw))
+    }
+
+    /// Read a little-endian `u32`.
+    fn read_u32(&self, gpa: Gpa) -> Result<u32, Error> {
+        let mut raw = [0u8; 4];
+        self.read_phys(gpa, &mut raw)?;
+        Ok(u32::from_le_bytes(raw))
+    }
+
+    /// Total bytes of guest RAM.
+    fn ram_size(&self) -> u64 {
+        self.ranges().iter().map(PhysRange::len).sum()
+    }
+}
+
+/// Guest-physical memory that can also be written. Only live backends implement it, and only
+/// when the user asked for writes.
+pub trait PhysicalMemoryWrite: PhysicalMemory {
+    /// Write `data` at `gpa`. Fails without writing anything if any byte is outside guest RAM.
+    fn write_phys(&self, gpa: Gpa, data: &[u8]) -> Result<(), Error>;
+}
+
+/// Register state of the guest's vCPUs.
+pub trait VcpuState: Send + Sync {
+    /// Number of vCPUs.
+    fn vcpu_count(&self) -> usize;
+
+    /// Registers of one vCPU.
+    fn registers(&self, vcpu: usize) -> Result<Registers, Error>;
+
+    /// Registers of every vCPU. Backends where one round trip fetches all of them override this.
+    fn all_registers(&self) -> Result<Vec<Registers>, Error> {
+        (0..self.vcpu_count()).map(|v| self.registers(v)).collect()
+    }
+}
+
+/// Run state of a live guest.
+pub trait VmControl: Send + Sync {
+    /// Stop all vCPUs; memory and registers stay consistent until [`VmControl::resume`].
+    fn pause(&self) -> Result<(), Error>;
+    /// Let the vCPUs run again.
+    fn resume(&self) -> Result<(), Error>;
+    /// Whether the vCPUs are running now.
+    fn is_running(&self) -> Result<bool, Error>;
+}
