@@ -1,0 +1,78 @@
+# The two commands of the contract: `make demo` and `make test`. Every prerequisite (Debian
+# packages, cargo tools, the guest kernel and initramfs) is installed here, idempotently, into
+# the system or the ignored .cache directory.
+
+SHELL := /bin/bash
+CACHE := $(CURDIR)/.cache
+GUEST_DIR := $(CACHE)/guest
+export KVMACCESS_GUEST_DIR := $(GUEST_DIR)
+CARGO ?= cargo
+CARGO_BIN := $(HOME)/.cargo/bin
+export PATH := $(CARGO_BIN):$(PATH)
+# This machine's /dev/kvm may be a software implementation; the product's `auto` detects that.
+ACCEL ?= auto
+FUZZ_SECONDS ?= 20
+
+.PHONY: all build release test unit lint deny guest deps host-packages cargo-tools demo bench \
+        fuzz-smoke clean clean-guest
+
+all: build
+
+host-packages:
+	@missing=(); \
+	command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86); \
+	[ -x /bin/busybox ] || missing+=(busybox-static); \
+	command -v readelf >/dev/null || missing+=(binutils); \
+	command -v cc >/dev/null || missing+=(gcc); \
+	if [ $${#missing[@]} -gt 0 ]; then \
+		echo "installing $${missing[*]}"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}"; \
+	fi
+
+cargo-tools:
+	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+deps: host-packages cargo-tools
+
+guest: host-packages
+	@guest/build-guest.sh $(GUEST_DIR)
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p kvmaccess
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+deny: cargo-tools
+	$(CARGO) deny check licenses bans sources
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+# Real-guest tests boot QEMU; they fail (never skip) when the guest is missing, so `guest` runs first.
+test: deps guest lint deny
+	$(CARGO) test --workspace --no-fail-fast
+
+demo: host-packages guest release
+	@scripts/demo.sh $(ACCEL)
+
+bench: host-packages guest release
+	@scripts/bench.sh $(ACCEL)
+
+fuzz-smoke: host-packages
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@cd fuzz && for t in $$(RUSTC_BOOTSTRAP=1 cargo fuzz list); do \
+		echo "fuzzing $$t for $(FUZZ_SECONDS)s"; \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
+
+clean:
+	$(CARGO) clean
+
+clean-guest:
+	rm -rf $(GUEST_DIR)
