@@ -1,1 +1,37 @@
-//! placeholder
+//! The live QEMU backend of kvmaccess.
+//!
+//! * [`QmpClient`]: a synchronous QMP client (greeting check, commands, HMP, events routed to a
+//!   queue by a reader thread, QEMU's PID from the socket).
+//! * [`LaunchConfig`] / [`Guest`]: start `qemu-system-x86_64` with guest RAM in a shared file,
+//!   QMP and a serial console on unix sockets, and a state file other commands can find.
+//! * [`Console`]: drive the guest's serial console (wait for a marker, run a shell command).
+//! * [`QemuVm`]: attach to any QEMU by its QMP socket; implements the kvmaccess-core traits
+//!   [`PhysicalMemory`](kvmaccess_core::PhysicalMemory),
+//!   [`PhysicalMemoryWrite`](kvmaccess_core::PhysicalMemoryWrite) (only when enabled),
+//!   [`VcpuState`](kvmaccess_core::VcpuState) and [`VmControl`](kvmaccess_core::VmControl).
+//!
+//! Guest RAM is read through a read-only mapping of QEMU's shared RAM file (a bounds check and
+//! a memory copy per read), or, when QEMU's RAM is not shared, through `/proc/PID/mem` at the
+//! host address QEMU reports for each RAM range.
+//!
+//! Registers come from HMP `info registers -a` by default. The alternative, decoding the CPU
+//! notes of a one-page `dump-guest-memory`, lacks EFER and makes QEMU stop and resume a running
+//! guest; it is kept as [`RegisterSource::Dump`] and as a cross-check in the tests.
+
+mod console;
+mod error;
+mod launch;
+pub mod mtree;
+mod qmp;
+mod ram;
+pub mod regs;
+mod vm;
+
+pub use console::Console;
+pub use error::{Error, Result};
+pub use launch::{kvm_probe, Accel, Guest, GuestState, LaunchConfig};
+pub use qmp::{
+    QmpClient, QmpEvent, DEFAULT_COMMAND_TIMEOUT, DEFAULT_GREETING_TIMEOUT, EVENT_QUEUE_LIMIT,
+};
+pub use ram::RamSource;
+pub use vm::{AttachOptions, QemuVm, RamMode, RegisterSource};

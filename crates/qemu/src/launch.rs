@@ -1,0 +1,580 @@
+//! Starting QEMU with everything introspection needs, and finding a guest started earlier.
+
+use crate::console::Console;
+use crate::error::{Error, Result};
+use crate::qmp::QmpClient;
+use crate::vm::{AttachOptions, QemuVm};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Which accelerator QEMU uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when [`kvm_probe`] says it is usable, else TCG.
+    #[default]
+    Auto,
+    /// Hardware virtualisation through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulator: slow but available everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// Turn `Auto` into `Kvm` or `Tcg`, with the reason for the choice.
+    pub fn resolve(self) -> (Accel, String) {
+        match self {
+            Accel::Auto => match kvm_probe() {
+                Ok(()) => (Accel::Kvm, "KVM is usable".to_string()),
+                Err(why) => (Accel::Tcg, format!("using TCG: {why}")),
+            },
+            other => (other, "chosen explicitly".to_string()),
+        }
+    }
+
+    fn qemu_name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg | Accel::Auto => "tcg",
+        }
+    }
+}
+
+/// Whether KVM can run a stock guest kernel at useful speed here; `Err` says why not.
+///
+/// Opening /dev/kvm is not enough: some hosts (nested sandboxes) provide /dev/kvm through a
+/// software implementation (`kvm_pvm`) on which an unmodified kernel crawls. Without hardware
+/// virtualisation flags, or with that module loaded, TCG is the better choice.
+pub fn kvm_probe() -> std::result::Result<(), String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm cannot be opened ({e})"))?;
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(
+            "/dev/kvm is the software PVM implementation (kvm_pvm), too slow for stock kernels"
+                .to_string(),
+        );
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        return Err("the CPU reports no vmx/svm (hardware virtualisation)".to_string());
+    }
+    Ok(())
+}
+
+/// What to boot and how. Build with [`LaunchConfig::new`] and adjust the public fields.
+#[derive(Clone, Debug)]
+pub struct LaunchConfig {
+    /// The kernel image (`-kernel`).
+    pub kernel: PathBuf,
+    /// The initramfs (`-initrd`).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (`-append`).
+    pub append: String,
+    /// Guest RAM in bytes; must be a whole number of MiB.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub smp: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// CPU model (`-cpu`).
+    pub cpu: String,
+    /// Further QEMU arguments, appended last.
+    pub extra_args: Vec<String>,
+    /// Directory for the sockets, logs, PID and state files. Created if missing.
+    pub run_dir: PathBuf,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// Put the RAM file in /dev/shm (fast tmpfs) when possible, else in `run_dir`.
+    pub ram_in_dev_shm: bool,
+    /// Pass `-no-reboot`: a guest reboot (or a panic with `panic=-1`) ends QEMU instead of
+    /// looping.
+    pub no_reboot: bool,
+    /// Add `-device vmcoreinfo`, so a guest with `qemu_fw_cfg` publishes VMCOREINFO to QEMU
+    /// (it then appears in `dump-guest-memory` output).
+    pub vmcoreinfo: bool,
+    /// How long to wait for QEMU's QMP socket to answer.
+    pub start_timeout: Duration,
+}
+
+impl LaunchConfig {
+    /// Defaults: 512 MiB, 1 vCPU, automatic accelerator, `-cpu max`, `console=ttyS0` on the
+    /// command line, RAM in /dev/shm, `-no-reboot`, `-device vmcoreinfo`.
+    pub fn new(kernel: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            append: "console=ttyS0".to_string(),
+            mem_bytes: 512 << 20,
+            smp: 1,
+            accel: Accel::Auto,
+            cpu: "max".to_string(),
+            extra_args: Vec::new(),
+            run_dir: run_dir.into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            ram_in_dev_shm: true,
+            no_reboot: true,
+            vmcoreinfo: true,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Paths QEMU will use, before launching.
+    pub fn paths(&self) -> GuestState {
+        GuestState {
+            pid: 0,
+            run_dir: self.run_dir.clone(),
+            qmp_socket: self.run_dir.join("qmp.sock"),
+            console_socket: self.run_dir.join("console.sock"),
+            console_log: self.run_dir.join("console.log"),
+            qemu_log: self.run_dir.join("qemu.log"),
+            pid_file: self.run_dir.join("qemu.pid"),
+            ram_path: self.run_dir.join("ram"),
+            accel: Accel::Tcg,
+            started_unix: 0,
+        }
+    }
+
+    /// The QEMU command line for an already-resolved accelerator and RAM file.
+    pub fn args(&self, accel: Accel, state: &GuestState) -> Result<Vec<OsString>> {
+        if self.mem_bytes == 0 || self.mem_bytes % (1 << 20) != 0 {
+            return Err(Error::Launch(format!(
+                "guest memory must be a positive whole number of MiB, not {} bytes",
+                self.mem_bytes
+            )));
+        }
+        let mib = self.mem_bytes >> 20;
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(OsString::from(s));
+        for s in ["-nodefaults", "-nographic", "-no-user-config"] {
+            push(s);
+        }
+        push("-accel");
+        push(accel.qemu_name());
+        push("-cpu");
+        push(&self.cpu);
+        push("-m");
+        push(&format!("{mib}M"));
+        push("-smp");
+        push(&self.smp.to_string());
+        push("-object");
+        push(&format!(
+            "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
+            qemu_opt_path(&state.ram_path)?
+        ));
+        push("-machine");
+        push("memory-backend=ram");
+        push("-qmp");
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            qemu_opt_path(&state.qmp_socket)?
+        ));
+        push("-chardev");
+        push(&format!(
+            "socket,id=con,path={},server=on,wait=off,logfile={}",
+            qemu_opt_path(&state.console_socket)?,
+            qemu_opt_path(&state.console_log)?
+        ));
+        push("-serial");
+        push("chardev:con");
+        push("-pidfile");
+        a.push(state.pid_file.clone().into_os_string());
+        let mut push = |s: &str| a.push(OsString::from(s));
+        if self.vmcoreinfo {
+            push("-device");
+            push("vmcoreinfo");
+        }
+        if self.no_reboot {
+            push("-no-reboot");
+        }
+        push("-kernel");
+        a.push(self.kernel.clone().into_os_string());
+        if let Some(i) = &self.initrd {
+            a.push(OsString::from("-initrd"));
+            a.push(i.clone().into_os_string());
+        }
+        a.push(OsString::from("-append"));
+        a.push(OsString::from(&self.append));
+        a.extend(self.extra_args.iter().map(OsString::from));
+        Ok(a)
+    }
+
+    /// Start QEMU and wait until its QMP socket answers. The returned [`Guest`] kills QEMU when
+    /// dropped unless [`Guest::detach`] is called.
+    pub fn launch(&self) -> Result<Guest> {
+        for (what, p) in [
+            ("kernel", Some(&self.kernel)),
+            ("initrd", self.initrd.as_ref()),
+        ] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    return Err(Error::Launch(format!(
+                        "{what} {} does not exist",
+                        p.display()
+                    )));
+                }
+            }
+        }
+        std::fs::create_dir_all(&self.run_dir)
+            .map_err(|e| Error::io(format!("creating {}", self.run_dir.display()), e))?;
+        let run_dir = self
+            .run_dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolving {}", self.run_dir.display()), e))?;
+        if let Ok(old) = GuestState::load(&run_dir) {
+            if old.is_alive() {
+                return Err(Error::Launch(format!(
+                    "a guest started from {} is still running (PID {}); stop it first",
+                    run_dir.display(),
+                    old.pid
+                )));
+            }
+            old.cleanup();
+        }
+
+        let mut state = LaunchConfig {
+            run_dir: run_dir.clone(),
+            ..self.clone()
+        }
+        .paths();
+        state.ram_path = ram_file_path(&run_dir, self.ram_in_dev_shm);
+        let (accel, _why) = self.accel.resolve();
+        state.accel = accel;
+        for p in [&state.qmp_socket, &state.console_socket] {
+            // sun_path holds 108 bytes including the terminating NUL.
+            if p.as_os_str().len() >= 108 {
+                return Err(Error::Launch(format!(
+                    "socket path {} is too long for a unix socket; use a shorter run directory",
+                    p.display()
+                )));
+            }
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(&state.console_log);
+        let args = self.args(accel, &state)?;
+
+        let log = std::fs::File::create(&state.qemu_log)
+            .map_err(|e| Error::io(format!("creating {}", state.qemu_log.display()), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the log file", e))?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group, so a Ctrl-C aimed at the launching tool does not take a
+            // detached guest down with it.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Launch(format!("running {}: {e}", self.qemu.display())))?;
+        state.pid = child.id();
+        state.started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut guest = Guest {
+            child: Some(child),
+            state,
+            kill_on_drop: true,
+        };
+        guest.wait_for_qmp(self.start_timeout)?;
+        guest.state.save()?;
+        Ok(guest)
+    }
+}
+
+/// Escape a path for a QEMU `-object`/`-chardev` option value, where `,` separates options.
+fn qemu_opt_path(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| Error::Launch(format!("path {} is not valid UTF-8", p.display())))?;
+    Ok(s.replace(',', ",,"))
+}
+
+fn ram_file_path(run_dir: &Path, prefer_shm: bool) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let shm = Path::new("/dev/shm");
+    if prefer_shm && shm.is_dir() {
+        let probe = shm.join(format!(".kvmaccess-probe-{}", std::process::id()));
+        if std::fs::File::create(&probe).is_ok() {
+            let _ = std::fs::remove_file(&probe);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            return shm.join(format!(
+                "kvmaccess-{}-{}-{nanos}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+        }
+    }
+    run_dir.join("ram")
+}
+
+/// Where a launched guest's files are; saved as `guest.json` in the run directory so later
+/// commands can find "the guest that `boot` started".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestState {
+    /// QEMU's PID.
+    pub pid: u32,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// QMP socket: pass to [`QemuVm::attach`].
+    pub qmp_socket: PathBuf,
+    /// Serial console socket: [`Console::connect`], or `socat - UNIX-CONNECT:<path>`.
+    pub console_socket: PathBuf,
+    /// Everything the guest wrote to its console since boot.
+    pub console_log: PathBuf,
+    /// QEMU's own stdout/stderr.
+    pub qemu_log: PathBuf,
+    /// QEMU's `-pidfile`.
+    pub pid_file: PathBuf,
+    /// The shared file holding guest RAM.
+    pub ram_path: PathBuf,
+    /// The accelerator QEMU was started with.
+    pub accel: Accel,
+    /// Start time, seconds since the Unix epoch.
+    pub started_unix: u64,
+}
+
+impl GuestState {
+    /// File name of the state file inside the run directory.
+    pub const FILE_NAME: &'static str = "guest.json";
+
+    /// Read `run_dir/guest.json`.
+    pub fn load(run_dir: impl AsRef<Path>) -> Result<Self> {
+        let p = run_dir.as_ref().join(Self::FILE_NAME);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} (no guest was started from this directory?)",
+                    p.display()
+                ),
+                e,
+            )
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::protocol("guest state file", format!("{}: {e}", p.display())))
+    }
+
+    /// Write `run_dir/guest.json`.
+    pub fn save(&self) -> Result<()> {
+        let p = self.run_dir.join(Self::FILE_NAME);
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::protocol("guest state file", e.to_string()))?;
+        std::fs::write(&p, text).map_err(|e| Error::io(format!("writing {}", p.display()), e))
+    }
+
+    /// Whether the QEMU this state describes still runs: its PID exists and its command line
+    /// names our QMP socket (so a recycled PID is not mistaken for it).
+    pub fn is_alive(&self) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", self.pid)) else {
+            return false;
+        };
+        let sock = self.qmp_socket.as_os_str().as_encoded_bytes();
+        !sock.is_empty() && cmdline.windows(sock.len()).any(|w| w == sock)
+    }
+
+    /// Ask QEMU to quit through QMP, then wait up to `timeout` for it to exit, and clean up.
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        if self.is_alive() {
+            let qmp = QmpClient::connect(&self.qmp_socket)?;
+            match qmp.execute("quit", Value::Null) {
+                Ok(_) | Err(Error::Closed) => {}
+                Err(e) => return Err(e),
+            }
+            let deadline = Instant::now() + timeout;
+            while self.is_alive() {
+                if Instant::now() > deadline {
+                    return Err(Error::Launch(format!(
+                        "QEMU (PID {}) did not exit within {} s of `quit`",
+                        self.pid,
+                        timeout.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.cleanup();
+        Ok(())
+    }
+
+    /// Remove the RAM file, sockets, PID and state files. Only call once QEMU has exited: the
+    /// RAM file lives in tmpfs and would otherwise hold the guest's memory forever.
+    pub fn cleanup(&self) {
+        for p in [
+            &self.ram_path,
+            &self.qmp_socket,
+            &self.console_socket,
+            &self.pid_file,
+            &self.run_dir.join(Self::FILE_NAME),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Attach to this guest.
+    pub fn attach(&self, options: AttachOptions) -> Result<QemuVm> {
+        QemuVm::attach_with(&self.qmp_socket, options)
+    }
+
+    /// Connect to this guest's serial console.
+    pub fn console(&self) -> Result<Console> {
+        Console::connect(&self.console_socket)
+    }
+
+    /// Wait until the console log contains `marker`; return the line that holds it.
+    pub fn wait_for_console(&self, marker: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = std::fs::read(&self.console_log) {
+                let text = String::from_utf8_lossy(&bytes);
+                if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+                    return Ok(line.trim_matches(|c: char| c.is_control()).to_string());
+                }
+            }
+            if !self.is_alive() {
+                return Err(Error::Launch(format!(
+                    "QEMU exited before the console showed {marker:?}; see {} and {}",
+                    self.qemu_log.display(),
+                    self.console_log.display()
+                )));
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read(&self.console_log).unwrap_or_default();
+                let tail =
+                    String::from_utf8_lossy(&log[log.len().saturating_sub(600)..]).into_owned();
+                return Err(Error::Console(format!(
+                    "{marker:?} did not appear within {} s; console ends with: {tail:?}",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A QEMU process started by [`LaunchConfig::launch`].
+#[derive(Debug)]
+pub struct Guest {
+    child: Option<Child>,
+    state: GuestState,
+    kill_on_drop: bool,
+}
+
+impl Guest {
+    /// Paths, PID and accelerator.
+    pub fn state(&self) -> &GuestState {
+        &self.state
+    }
+
+    /// QEMU's PID.
+    pub fn pid(&self) -> u32 {
+        self.state.pid
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.state.qmp_socket
+    }
+
+    /// Attach read-only with defaults.
+    pub fn attach(&self) -> Result<QemuVm> {
+        QemuVm::attach(&self.state.qmp_socket)
+    }
+
+    /// Attach with options.
+    pub fn attach_with(&self, options: AttachOptions) -> Result<QemuVm> {
+        self.state.attach(options)
+    }
+
+    /// Connect to the serial console.
+    pub fn console(&self) -> Result<Console> {
+        self.state.console()
+    }
+
+    /// Wait until the console log contains `marker`; return that line.
+    pub fn wait_for_console(&self, marker: &str, timeout: Duration) -> Result<String> {
+        self.state.wait_for_console(marker, timeout)
+    }
+
+    /// Whether QEMU is still running (reaps it if it exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => self.state.is_alive(),
+        }
+    }
+
+    /// Leave QEMU running after this handle (and this process) goes away; returns where to find
+    /// it. Its RAM file stays until [`GuestState::shutdown`] or [`GuestState::cleanup`].
+    pub fn detach(mut self) -> GuestState {
+        self.kill_on_drop = false;
+        // Dropping a `Child` neither kills nor waits for it.
+        self.child = None;
+        self.state.clone()
+    }
+
+    /// Kill QEMU now, wait for it, and remove its files.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            c.wait()
+                .map_err(|e| Error::io(format!("waiting for QEMU (PID {})", self.state.pid), e))?;
+        }
+        self.state.cleanup();
+        Ok(())
+    }
+
+    fn wait_for_qmp(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let log = std::fs::read_to_string(&self.state.qemu_log).unwrap_or_default();
+                    return Err(Error::Launch(format!(
+                        "QEMU exited at start ({status}): {}",
+                        crate::error::shorten(log.trim(), 2000)
+                    )));
+                }
+            }
+            if self.state.qmp_socket.exists() {
+                match QmpClient::connect(&self.state.qmp_socket) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Launch(format!(
+                    "QMP socket {} did not appear within {} s",
+                    self.state.qmp_socket.display(),
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.kill_on_drop {
+            let _ = self.kill();
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Guest RAM access: a read-only mapping of QEMU's shared RAM file, or `/proc/PID/mem`.
+
+use crate::error::{Error, Result};
+use kvmaccess_core::{Gpa, PhysRange};
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// How a span of guest-physical memory is reached.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// Through `files[index]`, at this offset in the file for the span's first byte.
+    File { index: usize, offset: u64 },
+    /// Through `/proc/PID/mem` at this host virtual address for the span's first byte.
+    ProcMem { hva: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u64,
+    end: u64,
+    via: Via,
+}
+
+/// A RAM file of QEMU's, mapped into our address space.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    path: PathBuf,
+    file: File,
+    ro: MmapRaw,
+    /// Created on the first write, so that a read-only attachment never holds a writable mapping.
+    rw: OnceLock<MmapRaw>,
+    writable: bool,
+}
+
+impl MappedFile {
+    /// Map `file` (opened read-write only when `writable`) whole and read-only.
+    pub(crate) fn open(path: PathBuf, file: File, writable: bool) -> Result<Self> {
+        let ro = MmapOptions::new()
+            .map_raw_read_only(&file)
+            .map_err(|e| Error::io(format!("mapping guest RAM file {}", path.display()), e))?;
+        Ok(Self {
+            path,
+            file,
+            ro,
+            rw: OnceLock::new(),
+            writable,
+        })
+    }
+
+    fn len(&self) -> u64 {
+        u64::try_from(self.ro.len()).unwrap_or(u64::MAX)
+    }
+
+    fn rw(&self) -> Result<&MmapRaw> {
+        if !self.writable {
+            return Err(Error::WriteNotAllowed);
+        }
+        if let Some(m) = self.rw.get() {
+            return Ok(m);
+        }
+        let m = MmapOptions::new().map_raw(&self.file).map_err(|e| {
+            Error::io(
+                format!("mapping guest RAM file {} writable", self.path.display()),
+                e,
+            )
+        })?;
+        // Another thread may have won the race; its mapping is equivalent, ours is dropped.
+        Ok(self.rw.get_or_init(|| m))
+    }
+}
+
+/// Where guest RAM comes from, for messages and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RamSource {
+    /// A shared RAM file mapped into this process; reads are memory copies.
+    SharedFile {
+        /// The file: the backend's `mem-path`, or `/proc/PID/fd/N` for a memfd.
+        path: PathBuf,
+    },
+    /// The QEMU process's memory through `/proc/PID/mem`.
+    ProcMem {
+        /// QEMU's PID.
+        pid: u32,
+    },
+}
+
+/// Guest-physical memory of a live QEMU guest.
+#[derive(Debug)]
+pub(crate) struct GuestRam {
+    ranges: Vec<PhysRange>,
+    spans: Vec<Span>,
+    files: Vec<MappedFile>,
+    proc_mem: Option<(u32, File)>,
+}
+
+/// One RAM range and how to reach it, as the attach logic found it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SpanSource {
+    File { index: usize, offset: u64 },
+    ProcMem { hva: u64 },
+}
+
+impl GuestRam {
+    /// Build from (start, end, source) triples sorted by address. Every file span must lie
+    /// inside its file: touching a mapped page past the end of a file raises SIGBUS.
+    pub(crate) fn new(
+        spans: Vec<(u64, u64, SpanSource)>,
+        files: Vec<MappedFile>,
+        proc_mem: Option<(u32, File)>,
+    ) -> Result<Self> {
+        let mut out = Vec::with_capacity(spans.len());
+        for (start, end, src) in spans {
+            let len = end.checked_sub(start).ok_or_else(|| {
+                Error::protocol("RAM layout", format!("inverted range {start:#x}-{end:#x}"))
+            })?;
+            let via = match src {
+                SpanSource::File { index, offset } => {
+                    let f = files.get(index).ok_or_else(|| {
+                        Error::protocol("RAM layout", "span names a missing file")
+                    })?;
+                    let fits = offset.checked_add(len).is_some_and(|e| e <= f.len());
+                    if !fits {
+                        return Err(Error::protocol(
+                            "RAM layout",
+                            format!(
+                                "guest RAM {start:#x}-{end:#x} needs {} bytes at offset {offset:#x} \
+                                 of {}, which has only {} bytes",
+                                len,
+                                f.path.display(),
+                                f.len()
+                            ),
+                        ));
+                    }
+                    // The copy loop adds span offsets to the mapping's base pointer as usize.
+                    usize::try_from(offset.saturating_add(len)).map_err(|_| {
+                        Error::protocol("RAM layout", "RAM file larger than the address space")
+                    })?;
+                    Via::File { index, offset }
+                }
+                SpanSource::ProcMem { hva } => {
+                    if hva.checked_add(len).is_none() {
+                        return Err(Error::protocol("RAM layout", "host address overflow"));
+                    }
+                    if proc_mem.is_none() {
+                        return Err(Error::protocol(
+                            "RAM layout",
+                            "span needs /proc/PID/mem, which is not open",
+                        ));
+                    }
+                    Via::ProcMem { hva }
+                }
+            };
+            if let Some(prev) = out.last() {
+                let prev: &Span = prev;
+                if prev.end > start {
+                    return Err(Error::protocol(
+                        "RAM layout",
+                        format!("overlapping RAM ranges at {start:#x}"),
+                    ));
+                }
+            }
+            out.push(Span { start, end, via });
+        }
+        let ranges = out
+            .iter()
+            .map(|s| PhysRange {
+                start: Gpa(s.start),
+                end: Gpa(s.end),
+            })
+            .collect();
+        Ok(Self {
+            ranges,
+            spans: out,
+            files,
+            proc_mem,
+        })
+    }
+
+    pub(crate) fn ranges(&self) -> &[PhysRange] {
+        &self.ranges
+    }
+
+    pub(crate) fn source(&self) -> RamSource {
+        match (self.files.first(), &self.proc_mem) {
+            (Some(f), _) => RamSource::SharedFile {
+                path: f.path.clone(),
+            },
+            (None, Some((pid, _))) => RamSource::ProcMem { pid: *pid },
+            (None, None) => RamSource::ProcMem { pid: 0 },
+        }
+    }
+
+    #[inline]
+    fn span_at(&self, addr: u64) -> Option<&Span> {
+        // A handful of spans at most (below/above the PCI hole, NUMA nodes): a scan beats a
+        // binary search here.
+        self.spans.iter().find(|s| addr >= s.start && addr < s.end)
+    }
+
+    /// Copy guest memory at `gpa` into `buf`, crossing span boundaries where RAM continues.
+    #[inline]
+    pub(crate) fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), kvmaccess_core::Error> {
+        let mut addr = gpa.0;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let span = self
+                .span_at(addr)
+                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+            let want = buf.len() - done;
+            // `addr < span.end`, so the subtraction cannot underflow.
+            let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
+            let rel = addr - span.start;
+            let dst = &mut buf[done..done + n];
+            match span.via {
+                Via::File { index, offset } => {
+                    let Some(file) = self.files.get(index) else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    // `new` checked offset + span length <= mapping length and that it fits usize.
+                    let at = usize::try_from(offset + rel)
+                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+                    // SAFETY: `at + n <= offset + span length <= mapping length` (checked in `new`;
+                    // `rel + n <= span length` because `n <= span.end - addr`), so the source lies
+                    // inside the live mapping that `self.files` keeps alive, and `dst` is a
+                    // distinct buffer of exactly `n` bytes. The guest (QEMU) may write these bytes
+                    // concurrently: we never form a Rust reference to the mapping, only copy out
+                    // of it through a raw pointer, so the compiler cannot assume the bytes are
+                    // immutable or cache them across calls. A concurrent write can tear a value,
+                    // exactly as it could for a CPU reading guest memory without pausing the
+                    // guest; callers pause the guest when they need consistency. Every bit
+                    // pattern is a valid `u8`, and the file cannot shrink under us while QEMU
+                    // holds it as guest RAM.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            file.ro.as_ptr().add(at),
+                            dst.as_mut_ptr(),
+                            n,
+                        );
+                    }
+                }
+                Via::ProcMem { hva } => {
+                    let Some((pid, mem)) = &self.proc_mem else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    mem.read_exact_at(dst, hva + rel)
+                        .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                }
+            }
+            done += n;
+            addr += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `gpa`; checks the whole range first so nothing is written on failure.
+    pub(crate) fn write(&self, gpa: Gpa, data: &[u8]) -> Result<(), kvmaccess_core::Error> {
+        let len =
+            u64::try_from(data.len()).map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa })?;
+        let end = gpa
+            .0
+            .checked_add(len)
+            .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa })?;
+        let mut addr = gpa.0;
+        while addr < end {
+            let span = self
+                .span_at(addr)
+                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+            addr = span.end;
+        }
+
+        let mut addr = gpa.0;
+        let mut done = 0usize;
+        while done < data.len() {
+            let span = self
+                .span_at(addr)
+                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+            let want = data.len() - done;
+            let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
+            let rel = addr - span.start;
+            let src = &data[done..done + n];
+            match span.via {
+                Via::File { index, offset } => {
+                    let Some(file) = self.files.get(index) else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    let map = file.rw().map_err(kvmaccess_core::Error::from)?;
+                    let at = usize::try_from(offset + rel)
+                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+                    if at.checked_add(n).map_or(true, |e| e > map.len()) {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    }
+                    // SAFETY: `at + n <= map.len()` was just checked, so the destination lies in
+                    // the live writable mapping owned by `file`, and `src` is our own buffer of
+                    // `n` bytes that cannot overlap the mapping's pages. The guest may access the
+                    // same bytes concurrently, as with any write into a running guest's memory;
+                    // no Rust reference to the mapping exists, so no aliasing rule is broken.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), map.as_mut_ptr().add(at), n);
+                    }
+                }
+                Via::ProcMem { hva } => {
+                    let Some((pid, mem)) = &self.proc_mem else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    mem.write_all_at(src, hva + rel)
+                        .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                }
+            }
+            done += n;
+            addr += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn proc_mem_error(pid: u32, e: std::io::Error, gpa: u64) -> kvmaccess_core::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        Error::ProcMemDenied { pid, source: e }.into()
+    } else {
+        kvmaccess_core::Error::Io {
+            context: format!("reading guest-physical {gpa:#x} through /proc/{pid}/mem"),
+            source: e,
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! vCPU registers from QEMU, two ways:
+//!
+//! * HMP `info registers -a`: text, one block per vCPU, with EFER but no KERNEL_GS_BASE.
+//! * `dump-guest-memory` of a tiny range: an ELF core whose `QEMU` notes hold a binary
+//!   `QEMUCPUState` per vCPU, with KERNEL_GS_BASE (newer QEMU) but no EFER.
+
+use crate::error::{Error, Result};
+use kvmaccess_core::{DescriptorTable, Registers, Segment};
+
+/// Parse HMP `info registers -a` (or plain `info registers`) into one snapshot per vCPU, in the
+/// order QEMU prints them (`CPU#0`, `CPU#1`, ...). Handles the 64-bit layout (`RAX=`) and the
+/// legacy one (`EAX=`) QEMU uses while a vCPU is outside long mode.
+pub fn parse_hmp_registers(text: &str) -> Result<Vec<Registers>> {
+    let mut out: Vec<Registers> = Vec::new();
+    let mut current: Option<(Registers, u32)> = None;
+    for raw in text.lines() {
+        let line = raw.trim_end_matches('\r');
+        if let Some(idx) = line.trim().strip_prefix("CPU#") {
+            if let Some((regs, seen)) = current.take() {
+                out.push(finish(regs, seen)?);
+            }
+            let vcpu = idx
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| Error::protocol("info registers", line))?;
+            current = Some((
+                Registers {
+                    vcpu,
+                    ..Registers::default()
+                },
+                0,
+            ));
+            continue;
+        }
+        let Some((regs, seen)) = current.as_mut() else {
+            // `info registers` without -a prints no CPU# header for the current vCPU.
+            if line.contains("IP=") {
+                current = Some((Registers::default(), 0));
+                if let Some((regs, seen)) = current.as_mut() {
+                    parse_line(line, regs, seen)?;
+                }
+            }
+            continue;
+        };
+        parse_line(line, regs, seen)?;
+    }
+    if let Some((regs, seen)) = current.take() {
+        out.push(finish(regs, seen)?);
+    }
+    if out.is_empty() {
+        return Err(Error::protocol("info registers", text));
+    }
+    Ok(out)
+}
+
+// Bits of `seen`: which mandatory values a block provided.
+const SEEN_RIP: u32 = 1;
+const SEEN_CR: u32 = 2;
+const SEEN_GDT: u32 = 4;
+const SEEN_IDT: u32 = 8;
+const SEEN_CS: u32 = 16;
+const SEEN_ALL: u32 = SEEN_RIP | SEEN_CR | SEEN_GDT | SEEN_IDT | SEEN_CS;
+
+fn finish(regs: Registers, seen: u32) -> Result<Registers> {
+    if seen & SEEN_ALL != SEEN_ALL {
+        return Err(Error::protocol(
+            "info registers",
+            format!(
+                "vCPU {} block lacks RIP, CR0-4, CS, GDT or IDT (mask {seen:#x})",
+                regs.vcpu
+            ),
+        ));
+    }
+    Ok(regs)
+}
+
+/// Split `R8 =0000 RIP=ffff [---Z-P-] CPL=0` into `("R8", ["0000"])`, `("RIP", ["ffff", "[---Z-P-]"])`,
+/// ...: a word containing `=` starts a new key, later words are extra values of that key.
+fn fields(line: &str) -> Vec<(String, Vec<&str>)> {
+    let mut out: Vec<(String, Vec<&str>)> = Vec::new();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i];
+        // `R8 =...`, `ES =...`: the key and `=` are separated by padding.
+        let (key, value) = if let Some(v) = words.get(i + 1).and_then(|n| n.strip_prefix('=')) {
+            if w.contains('=') {
+                (None, None)
+            } else {
+                i += 1;
+                (Some(w.to_string()), Some(v))
+            }
+        } else {
+            match w.split_once('=') {
+                Some((k, v)) => (Some(k.to_string()), Some(v)),
+                None => (None, None),
+            }
+        };
+        match (key, value) {
+            (Some(k), Some(v)) => {
+                let vals = if v.is_empty() { Vec::new() } else { vec![v] };
+                out.push((k, vals));
+            }
+            _ => {
+                if let Some(last) = out.last_mut() {
+                    last.1.push(w);
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex(what: &str, s: &str) -> Result<u64> {
+    u64::from_str_radix(s, 16)
+        .map_err(|_| Error::protocol("info registers", format!("{what}={s} is not hex")))
+}
+
+fn hex_u32(what: &str, s: &str) -> Result<u32> {
+    u32::try_from(hex(what, s)?)
+        .map_err(|_| Error::protocol("info registers", format!("{what}={s} exceeds 32 bits")))
+}
+
+fn parse_line(line: &str, r: &mut Registers, seen: &mut u32) -> Result<()> {
+    for (key, vals) in fields(line) {
+        let first = vals.first().copied();
+        let gpr = |slot: &mut u64| -> Result<()> {
+            if let Some(v) = first {
+                *slot = hex(&key, v)?;
+            }
+            Ok(())
+        };
+        match key.as_str() {
+            "RAX" | "EAX" => gpr(&mut r.rax)?,
+            "RBX" | "EBX" => gpr(&mut r.rbx)?,
+            "RCX" | "ECX" => gpr(&mut r.rcx)?,
+            "RDX" | "EDX" => gpr(&mut r.rdx)?,
+            "RSI" | "ESI" => gpr(&mut r.rsi)?,
+            "RDI" | "EDI" => gpr(&mut r.rdi)?,
+            "RBP" | "EBP" => gpr(&mut r.rbp)?,
+            "RSP" | "ESP" => gpr(&mut r.rsp)?,
+            "R8" => gpr(&mut r.r8)?,
+            "R9" => gpr(&mut r.r9)?,
+            "R10" => gpr(&mut r.r10)?,
+            "R11" => gpr(&mut r.r11)?,
+            "R12" => gpr(&mut r.r12)?,
+            "R13" => gpr(&mut r.r13)?,
+            "R14" => gpr(&mut r.r14)?,
+            "R15" => gpr(&mut r.r15)?,
+            "RIP" | "EIP" => {
+                gpr(&mut r.rip)?;
+                *seen |= SEEN_RIP;
+            }
+            "RFL" | "EFL" => gpr(&mut r.rflags)?,
+            "CR0" => {
+                gpr(&mut r.cr0)?;
+                *seen |= SEEN_CR;
+            }
+            "CR2" => gpr(&mut r.cr2)?,
+            "CR3" => gpr(&mut r.cr3)?,
+            "CR4" => gpr(&mut r.cr4)?,
+            "EFER" => {
+                if let Some(v) = first {
+                    r.efer = Some(hex(&key, v)?);
+                }
+            }
+            "ES" | "CS" | "SS" | "DS" | "FS" | "GS" | "LDT" | "TR" => {
+                let seg = parse_segment(&key, &vals)?;
+                match key.as_str() {
+                    "ES" => r.es = seg,
+                    "CS" => {
+                        r.cs = seg;
+                        *seen |= SEEN_CS;
+                    }
+                    "SS" => r.ss = seg,
+                    "DS" => r.ds = seg,
+                    "FS" => r.fs = seg,
+                    "GS" => r.gs = seg,
+                    "LDT" => r.ldtr = seg,
+                    _ => r.tr = seg,
+                }
+            }
+            "GDT" | "IDT" => {
+                let (Some(base), Some(limit)) = (vals.first(), vals.get(1)) else {
+                    return Err(Error::protocol("info registers", line));
+                };
+                let table = DescriptorTable {
+                    base: hex(&key, base)?,
+                    limit: hex_u32(&key, limit)?,
+                };
+                if key == "GDT" {
+                    r.gdtr = table;
+                    *seen |= SEEN_GDT;
+                } else {
+                    r.idtr = table;
+                    *seen |= SEEN_IDT;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]`: selector, base, limit, flags.
+fn parse_segment(key: &str, vals: &[&str]) -> Result<Segment> {
+    let (Some(sel), Some(base), Some(limit), Some(flags)) =
+        (vals.first(), vals.get(1), vals.get(2), vals.get(3))
+    else {
+        return Err(Error::protocol(
+            "info registers",
+            format!("segment {key} has fewer than 4 fields: {vals:?}"),
+        ));
+    };
+    Ok(Segment {
+        selector: u16::try_from(hex(key, sel)?)
+            .map_err(|_| Error::protocol("info registers", format!("{key} selector {sel}")))?,
+        base: hex(key, base)?,
+        limit: hex_u32(key, limit)?,
+        flags: hex_u32(key, flags)?,
+    })
+}
+
+const PT_NOTE: u32 = 4;
+
+fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
+    let s = b.get(off..off.checked_add(2)?)?;
+    Some(u16::from_le_bytes([s[0], s[1]]))
+}
+fn rd_u32(b: &[u8], off: usize) -> Option<u32> {
+    let s = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+fn rd_u64(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_le_bytes(a))
+}
+fn to_usize(v: u64) -> Option<usize> {
+    usize::try_from(v).ok()
+}
+
+/// One ELF note: name without the trailing NUL, type, descriptor.
+pub type Note<'a> = (&'a [u8], u32, &'a [u8]);
+
+/// The notes of an ELF64 little-endian core file: (name without NUL, type, descriptor).
+///
+/// TODO: switch to `kvmaccess_dump`'s note parser once that crate exposes it; this is the
+/// minimum needed to read register notes from QEMU's own dumps.
+pub fn elf_notes(file: &[u8]) -> Result<Vec<Note<'_>>> {
+    let bad = |why: &str| Error::protocol("dump-guest-memory ELF", why);
+    if file.get(..4) != Some(b"\x7fELF".as_slice()) || file.get(4) != Some(&2) {
+        return Err(bad("not an ELF64 file"));
+    }
+    if file.get(5) != Some(&1) {
+        return Err(bad("not little-endian"));
+    }
+    let phoff = rd_u64(file, 0x20)
+        .and_then(to_usize)
+        .ok_or_else(|| bad("header"))?;
+    let phentsize = usize::from(rd_u16(file, 0x36).ok_or_else(|| bad("header"))?);
+    let phnum = usize::from(rd_u16(file, 0x38).ok_or_else(|| bad("header"))?);
+    let mut notes = Vec::new();
+    for i in 0..phnum {
+        let ph = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(|| bad("program header offset"))?;
+        if rd_u32(file, ph).ok_or_else(|| bad("truncated program header"))? != PT_NOTE {
+            continue;
+        }
+        let off = rd_u64(file, ph + 8).and_then(to_usize);
+        let size = rd_u64(file, ph + 32).and_then(to_usize);
+        let seg = off
+            .zip(size)
+            .and_then(|(o, s)| file.get(o..o.checked_add(s)?))
+            .ok_or_else(|| bad("PT_NOTE past end of file"))?;
+        let mut pos = 0usize;
+        while pos.checked_add(12).is_some_and(|e| e <= seg.len()) {
+            let (Some(namesz), Some(descsz), Some(ntype)) =
+                (rd_u32(seg, pos), rd_u32(seg, pos + 4), rd_u32(seg, pos + 8))
+            else {
+                break;
+            };
+            let namesz = usize::try_from(namesz).map_err(|_| bad("note name size"))?;
+            let descsz = usize::try_from(descsz).map_err(|_| bad("note size"))?;
+            let name_start = pos + 12;
+            let desc_start = name_start
+                .checked_add(align4(namesz).ok_or_else(|| bad("note name size"))?)
+                .ok_or_else(|| bad("note name size"))?;
+            let next = desc_start
+                .checked_add(align4(descsz).ok_or_else(|| bad("note size"))?)
+                .ok_or_else(|| bad("note size"))?;
+            let name = seg
+                .get(name_start..name_start + namesz)
+                .ok_or_else(|| bad("note name past segment end"))?;
+            let desc = seg
+                .get(desc_start..desc_start + descsz)
+                .ok_or_else(|| bad("note data past segment end"))?;
+            let name = name.strip_suffix(b"\0").unwrap_or(name);
+            notes.push((name, ntype, desc));
+            pos = next;
+        }
+    }
+    Ok(notes)
+}
+
+fn align4(n: usize) -> Option<usize> {
+    n.checked_add(3).map(|v| v & !3)
+}
+
+/// Registers of every vCPU from the `QEMU` notes of a `dump-guest-memory` ELF core, in vCPU order.
+pub fn parse_dump_registers(file: &[u8]) -> Result<Vec<Registers>> {
+    let notes = elf_notes(file)?;
+    let mut out = Vec::new();
+    for (name, _, desc) in notes {
+        if name != b"QEMU" {
+            continue;
+        }
+        let mut regs = parse_qemu_cpu_state(desc)?;
+        regs.vcpu = out.len();
+        out.push(regs);
+    }
+    if out.is_empty() {
+        return Err(Error::protocol(
+            "dump-guest-memory ELF",
+            "no QEMU CPU-state notes",
+        ));
+    }
+    Ok(out)
+}
+
+/// Decode one QEMUCPUState record (x86-64 layout, version 1): version and size, 16 GPRs in
+/// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15 order, rip, rflags, ten 24-byte segment
+/// records (cs, ds, es, fs, gs, ss, ldt, tr, gdt, idt: selector, limit, flags, pad, base), cr0..cr4
+/// and, when the record is long enough, kernel_gs_base.
+pub fn parse_qemu_cpu_state(d: &[u8]) -> Result<Registers> {
+    let short = || Error::protocol("QEMU CPU-state note", format!("{} bytes", d.len()));
+    let version = rd_u32(d, 0).ok_or_else(short)?;
+    if version != 1 {
+        return Err(Error::protocol(
+            "QEMU CPU-state note",
+            format!("unknown version {version}"),
+        ));
+    }
+    let q = |off: usize| rd_u64(d, off).ok_or_else(short);
+    let seg = |off: usize| -> Result<Segment> {
+        Ok(Segment {
+            selector: u16::try_from(rd_u32(d, off).ok_or_else(short)?)
+                .map_err(|_| Error::protocol("QEMU CPU-state note", "selector above 16 bits"))?,
+            limit: rd_u32(d, off + 4).ok_or_else(short)?,
+            flags: rd_u32(d, off + 8).ok_or_else(short)?,
+            base: rd_u64(d, off + 16).ok_or_else(short)?,
+        })
+    };
+    let g = 8;
+    let s = g + 18 * 8;
+    let segs: Vec<Segment> = (0..10).map(|i| seg(s + i * 24)).collect::<Result<_>>()?;
+    let cr = s + 10 * 24;
+    let table = |sg: &Segment| DescriptorTable {
+        base: sg.base,
+        limit: sg.limit,
+    };
+    Ok(Registers {
+        vcpu: 0,
+        rax: q(g)?,
+        rbx: q(g + 8)?,
+        rcx: q(g + 16)?,
+        rdx: q(g + 24)?,
+        rsi: q(g + 32)?,
+        rdi: q(g + 40)?,
+        rsp: q(g + 48)?,
+        rbp: q(g + 56)?,
+        r8: q(g + 64)?,
+        r9: q(g + 72)?,
+        r10: q(g + 80)?,
+        r11: q(g + 88)?,
+        r12: q(g + 96)?,
+        r13: q(g + 104)?,
+        r14: q(g + 112)?,
+        r15: q(g + 120)?,
+        rip: q(g + 128)?,
+        rflags: q(g + 136)?,
+        cs: segs[0],
+        ds: segs[1],
+        es: segs[2],
+        fs: segs[3],
+        gs: segs[4],
+        ss: segs[5],
+        ldtr: segs[6],
+        tr: segs[7],
+        gdtr: table(&segs[8]),
+        idtr: table(&segs[9]),
+        cr0: q(cr)?,
+        cr2: q(cr + 16)?,
+        cr3: q(cr + 24)?,
+        cr4: q(cr + 32)?,
+        efer: None,
+        kernel_gs_base: rd_u64(d, cr + 40),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HMP_64: &str = "\r\nCPU#0\r\nRAX=000000000001ad40 RBX=0000000000000000 RCX=0000000000000001 RDX=4000000000000000\r\nRSI=0000000000000083 RDI=000000000001085c RBP=ffffffff9c81aa40 RSP=ffffffff9c803e98\r\nR8 =0000000000000000 R9 =0000000038e3a8bc R10=00000000fffffffb R11=0000000000000001\r\nR12=0000000000000000 R13=0000000000000000 R14=0000000000000000 R15=0000000000014790\r\nRIP=ffffffff9b817a0b RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\nES =0000 0000000000000000 00000000 00000000\r\nCS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]\r\nSS =0018 0000000000000000 ffffffff 00cf9300 DPL=0 DS   [-WA]\r\nDS =0000 0000000000000000 00000000 00000000\r\nFS =0000 0000000000000000 00000000 00000000\r\nGS =0000 ff42e9063bc00000 00000000 00000000\r\nLDT=0000 0000000000000000 00000000 00008200 DPL=0 LDT\r\nTR =0040 fffffe0000003000 00004087 00008900 DPL=0 TSS64-avl\r\nGDT=     fffffe0000001000 0000007f\r\nIDT=     fffffe0000000000 00000fff\r\nCR0=80050033 CR2=00000000005316e2 CR3=0000000018410000 CR4=00751eb0\r\nDR0=0000000000000000 DR1=0000000000000000 DR2=0000000000000000 DR3=0000000000000000 \r\nDR6=00000000ffff0ff0 DR7=0000000000000400\r\nEFER=0000000000000d01\r\nFCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80\r\nFPR0=0000000000000000 0000 FPR1=0000000000000000 0000\r\nYMM00=0000000000000000 0000000000000000 53006c2d00687300 6b63616879747463\r\n\r\nCPU#1\r\nRAX=0000000000000001 RBX=0000000000000000 RCX=0000000000000001 RDX=4000000000000000\r\nRSI=0000000000000083 RDI=000000000003c8d4 RBP=ff42e90600274180 RSP=ff75ddd44009bed8\r\nR8 =0000000000000000 R9 =0000000038e3a8bc R10=0000000000000000 R11=0000000000000001\r\nR12=0000000000000001 R13=0000000000000000 R14=0000000000000000 R15=0000000000000000\r\nRIP=ffffffff9b817a0b RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\nES =0000 0000000000000000 00000000 00000000\r\nCS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]\r\nSS =0018 0000000000000000 ffffffff 00cf9300 DPL=0 DS   [-WA]\r\nDS =0000 0000000000000000 00000000 00000000\r\nFS =0000 0000000000000000 00000000 00000000\r\nGS =0000 ff42e9063bd00000 00000000 00000000\r\nLDT=0000 0000000000000000 00000000 00008200 DPL=0 LDT\r\nTR =0040 fffffe000003e000 00004087 00008900 DPL=0 TSS64-avl\r\nGDT=     fffffe000003c000 0000007f\r\nIDT=     fffffe0000000000 00000fff\r\nCR0=80050033 CR2=000000003708a088 CR3=0000000100838000 CR4=00751ea0\r\nEFER=0000000000000d01\r\n";
+
+    #[test]
+    fn hmp_long_mode() {
+        let v = parse_hmp_registers(HMP_64).unwrap();
+        assert_eq!(v.len(), 2);
+        let r = &v[0];
+        assert_eq!(r.vcpu, 0);
+        assert_eq!(r.rax, 0x1ad40);
+        assert_eq!(r.r9, 0x38e3a8bc);
+        assert_eq!(r.r15, 0x14790);
+        assert_eq!(r.rip, 0xffffffff9b817a0b);
+        assert_eq!(r.rflags, 0x246);
+        assert_eq!(
+            r.cs,
+            Segment {
+                selector: 0x10,
+                base: 0,
+                limit: 0xffffffff,
+                flags: 0x00af9b00
+            }
+        );
+        assert!(r.cs.long_mode());
+        assert_eq!(r.gs.base, 0xff42e9063bc00000);
+        assert_eq!(r.tr.selector, 0x40);
+        assert_eq!(r.tr.limit, 0x4087);
+        assert_eq!(r.ldtr.flags, 0x8200);
+        assert_eq!(
+            r.gdtr,
+            DescriptorTable {
+                base: 0xfffffe0000001000,
+                limit: 0x7f
+            }
+        );
+        assert_eq!(r.idtr.limit, 0xfff);
+        assert_eq!(
+            (r.cr0, r.cr2, r.cr3, r.cr4),
+            (0x80050033, 0x5316e2, 0x18410000, 0x751eb0)
+        );
+        assert_eq!(r.efer, Some(0xd01));
+        assert_eq!(r.kernel_gs_base, None);
+        assert_eq!(v[1].vcpu, 1);
+        assert_eq!(v[1].cr3, 0x100838000);
+        assert_eq!(v[1].gdtr.base, 0xfffffe000003c000);
+    }
+
+    #[test]
+    fn hmp_real_mode() {
+        let text = "\nCPU#0\nEAX=00000000 EBX=00000000 ECX=00000000 EDX=00060fb1\nESI=00000000 EDI=00000000 EBP=00000000 ESP=00000000\nEIP=0000fff0 EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0\nES =0000 00000000 0000ffff 00009300\nCS =f000 ffff0000 0000ffff 00009b00\nSS =0000 00000000 0000ffff 00009300\nDS =0000 00000000 0000ffff 00009300\nFS =0000 00000000 0000ffff 00009300\nGS =0000 00000000 0000ffff 00009300\nLDT=0000 00000000 0000ffff 00008200\nTR =0000 00000000 0000ffff 00008b00\nGDT=     00000000 0000ffff\nIDT=     00000000 0000ffff\nCR0=60000010 CR2=00000000 CR3=00000000 CR4=00000000\nEFER=0000000000000000\n";
+        let v = parse_hmp_registers(text).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].rip, 0xfff0);
+        assert_eq!(v[0].rdx, 0x60fb1);
+        assert_eq!(v[0].cs.base, 0xffff0000);
+        assert_eq!(v[0].cs.selector, 0xf000);
+        assert_eq!(v[0].cr0, 0x60000010);
+        assert_eq!(v[0].efer, Some(0));
+    }
+
+    #[test]
+    fn hmp_garbage_is_an_error() {
+        assert!(parse_hmp_registers("").is_err());
+        assert!(parse_hmp_registers("CPU#0\nRAX=zz\n").is_err());
+        assert!(parse_hmp_registers("CPU#0\nRAX=0\n").is_err());
+        assert!(parse_hmp_registers("CPU#0\nCS =0010 0000\n").is_err());
+    }
+
+    fn cpu_state(seed: u64) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&1u32.to_le_bytes());
+        d.extend_from_slice(&440u32.to_le_bytes());
+        for i in 0..18u64 {
+            d.extend_from_slice(&(seed + i).to_le_bytes());
+        }
+        for i in 0..10u32 {
+            d.extend_from_slice(&(i + 1).to_le_bytes());
+            d.extend_from_slice(&(0x1000 + i).to_le_bytes());
+            d.extend_from_slice(&(0xa000 + i).to_le_bytes());
+            d.extend_from_slice(&0u32.to_le_bytes());
+            d.extend_from_slice(&(0xffff_0000_0000_0000 + u64::from(i)).to_le_bytes());
+        }
+        for i in 0..6u64 {
+            d.extend_from_slice(&(0xc0 + i).to_le_bytes());
+        }
+        d
+    }
+
+    fn core_file(notes: &[(&[u8], u32, Vec<u8>)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, t, desc) in notes {
+            body.extend_from_slice(&u32::try_from(name.len() + 1).unwrap().to_le_bytes());
+            body.extend_from_slice(&u32::try_from(desc.len()).unwrap().to_le_bytes());
+            body.extend_from_slice(&t.to_le_bytes());
+            body.extend_from_slice(name);
+            body.push(0);
+            while body.len() % 4 != 0 {
+                body.push(0);
+            }
+            body.extend_from_slice(desc);
+            while body.len() % 4 != 0 {
+                body.push(0);
+            }
+        }
+        let mut f = vec![0u8; 64];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let mut ph = vec![0u8; 56];
+        ph[..4].copy_from_slice(&PT_NOTE.to_le_bytes());
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+        ph[32..40].copy_from_slice(&u64::try_from(body.len()).unwrap().to_le_bytes());
+        f.extend_from_slice(&ph);
+        f.extend_from_slice(&body);
+        f
+    }
+
+    #[test]
+    fn dump_notes_decode() {
+        let file = core_file(&[
+            (b"CORE", 1, vec![0u8; 336]),
+            (b"QEMU", 0, cpu_state(100)),
+            (b"QEMU", 0, cpu_state(200)),
+            (b"VMCOREINFO", 0, b"OSRELEASE=x\n".to_vec()),
+        ]);
+        let v = parse_dump_registers(&file).unwrap();
+        assert_eq!(v.len(), 2);
+        let r = &v[1];
+        assert_eq!(r.vcpu, 1);
+        assert_eq!((r.rax, r.rsp, r.rbp, r.r15), (200, 206, 207, 215));
+        assert_eq!((r.rip, r.rflags), (216, 217));
+        assert_eq!(r.cs.selector, 1);
+        assert_eq!(r.ss.selector, 6);
+        assert_eq!(r.tr.limit, 0x1007);
+        assert_eq!(r.gdtr.base, 0xffff_0000_0000_0008);
+        assert_eq!(r.idtr.limit, 0x1009);
+        assert_eq!((r.cr0, r.cr2, r.cr3, r.cr4), (0xc0, 0xc2, 0xc3, 0xc4));
+        assert_eq!(r.kernel_gs_base, Some(0xc5));
+        assert_eq!(r.efer, None);
+    }
+
+    #[test]
+    fn dump_notes_reject_bad_input() {
+        assert!(parse_dump_registers(b"not an elf").is_err());
+        let mut file = core_file(&[(b"QEMU", 0, cpu_state(1))]);
+        let n = file.len();
+        file.truncate(n - 20);
+        assert!(parse_dump_registers(&file).is_err());
+        let mut short = cpu_state(1);
+        short.truncate(100);
+        assert!(parse_qemu_cpu_state(&short).is_err());
+        assert!(parse_dump_registers(&core_file(&[(b"CORE", 1, vec![0; 8])])).is_err());
+    }
+}
