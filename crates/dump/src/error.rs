@@ -33,14 +33,18 @@ pub enum DumpError {
     },
     /// Neither ELF nor LiME, and the caller did not ask for a raw dump.
     #[error(
-        "{file} is neither an ELF core nor a LiME dump (first bytes {magic}); if it is a raw \
-         image of guest-physical memory, say where it starts with --raw-base ADDRESS (usually 0)"
+        "{file} is neither an ELF core nor a LiME dump (first bytes {magic}){hint}; if it is a \
+         raw image of guest-physical memory, say where it starts with --raw-base ADDRESS \
+         (usually 0)"
     )]
     UnknownFormat {
         /// The dump's name.
         file: String,
         /// Hex of the first bytes, to help recognise what the file really is.
         magic: String,
+        /// What the file looks like instead, when we recognise it (starts with `"; "`), else
+        /// empty.
+        hint: String,
     },
     /// A raw base was given for a file whose header says it is a structured dump.
     #[error(

@@ -92,6 +92,38 @@ fn sniff(bytes: &[u8]) -> Option<Magic> {
     }
 }
 
+/// Names formats that people commonly mistake for a memory dump we can read, and how to get one
+/// we can.
+fn unsupported_format_hint(bytes: &[u8]) -> Option<&'static str> {
+    const KNOWN: [(&[u8], &str); 5] = [
+        (
+            b"QEVM",
+            "a QEMU migration stream (savevm/migrate); take a memory dump with \
+             dump-guest-memory instead",
+        ),
+        (
+            b"LibvirtQemud",
+            "a libvirt save image; use `virsh dump --memory-only --format elf` instead",
+        ),
+        (
+            b"KDUMP   ",
+            "a compressed kdump file (dump-guest-memory format kdump-*); use format elf",
+        ),
+        (
+            b"makedumpfile",
+            "a makedumpfile flattened file; use an ELF dump",
+        ),
+        (
+            b"PAGEDU",
+            "a Windows crash dump, which this tool does not read",
+        ),
+    ];
+    KNOWN
+        .iter()
+        .find(|(magic, _)| bytes.starts_with(magic))
+        .map(|(_, hint)| *hint)
+}
+
 /// Opens the dump at `path`, recognising ELF cores and LiME dumps by their magic.
 ///
 /// A file with neither magic is read as a raw image only if `raw_base` (the CLI's
@@ -133,7 +165,10 @@ impl Dump {
                     .map(|b| format!("{b:02x}"))
                     .collect::<Vec<_>>()
                     .join(" ");
-                Err(DumpError::UnknownFormat { file, magic })
+                let hint = unsupported_format_hint(backing.bytes())
+                    .map(|h| format!("; it looks like {h}"))
+                    .unwrap_or_default();
+                Err(DumpError::UnknownFormat { file, magic, hint })
             }
         }
     }

@@ -795,6 +795,13 @@ fn open_dump_sniffs_and_explains() {
     std::fs::write(&raw, pattern_bytes(0x1000, 0x1000)).unwrap();
     let err = open_dump(&raw, None).unwrap_err();
     assert!(err.to_string().contains("--raw-base"), "{err}");
+    let qevm = dir.path().join("saved.bin");
+    std::fs::write(&qevm, b"QEVM\0\0\0\x03rest").unwrap();
+    let err = open_dump(&qevm, None).unwrap_err().to_string();
+    assert!(
+        err.contains("QEMU migration stream") && err.contains("--raw-base"),
+        "{err}"
+    );
     let dump = open_dump(&raw, Some(0x1000)).unwrap();
     assert_eq!(dump.format(), DumpFormat::Raw);
     assert!(dump.recorded_registers().is_none() && dump.vmcoreinfo().is_none());
