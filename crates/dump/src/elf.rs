@@ -487,6 +487,10 @@ pub fn parse_core_notes(bytes: &[u8]) -> Result<CoreNotes> {
 }
 
 /// An ELF core dump opened for reading.
+///
+/// Guest-physical addresses come from `p_paddr`; `p_vaddr` is ignored (QEMU writes 0 or a copy
+/// of `p_paddr` without paging). Segments whose guest-physical ranges overlap, as in dumps taken
+/// with `paging=true`, are rejected.
 #[derive(Debug)]
 pub struct ElfCore {
     file: String,
