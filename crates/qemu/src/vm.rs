@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Type, S, DPL, P (bits 8-15) and AVL, L, D/B, G (bits 20-23) plus limit 19:16, as HMP prints them.
+const SEGMENT_ATTRIBUTE_BITS: u32 = 0x00ff_ff00;
+
 /// How to reach guest RAM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RamMode {
@@ -185,6 +188,37 @@ impl QemuVm {
     /// QEMU stops a running guest for the dump and resumes it afterwards (emitting STOP and
     /// RESUME events).
     pub fn registers_dump(&self) -> Result<Vec<Registers>> {
+        let notes = self.dump_notes()?;
+        if notes.vcpus.is_empty() {
+            return Err(Error::protocol(
+                "dump-guest-memory",
+                "the core has no CPU-state notes",
+            ));
+        }
+        let mut vcpus = notes.vcpus;
+        for r in &mut vcpus {
+            for seg in [
+                &mut r.cs,
+                &mut r.ds,
+                &mut r.es,
+                &mut r.fs,
+                &mut r.gs,
+                &mut r.ss,
+                &mut r.ldtr,
+                &mut r.tr,
+            ] {
+                // QEMU's segment cache keeps the descriptor's whole high dword, base bits 16-23
+                // and 24-31 included; HMP prints only the attribute bits. Keep those, so both
+                // sources report the same value (the base is in `base`, complete).
+                seg.flags &= SEGMENT_ATTRIBUTE_BITS;
+            }
+        }
+        Ok(vcpus)
+    }
+
+    /// The notes of a one-page `dump-guest-memory`: registers of every vCPU and, when the guest
+    /// published it through `-device vmcoreinfo`, the VMCOREINFO text.
+    pub fn dump_notes(&self) -> Result<kvmaccess_dump::CoreNotes> {
         let dir = self.dump_dir()?;
         let seq = self.dump_seq.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!("regs-{seq}.elf"));
@@ -207,7 +241,8 @@ impl QemuVm {
         });
         // Best effort: the file is in our private directory, which Drop removes anyway.
         let _ = std::fs::remove_file(&path);
-        regs::parse_dump_registers(&bytes?)
+        kvmaccess_dump::parse_core_notes(&bytes?)
+            .map_err(|e| Error::protocol("dump-guest-memory core", e.to_string()))
     }
 
     /// Dump notes merged with EFER from HMP.
