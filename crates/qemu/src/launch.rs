@@ -578,3 +578,57 @@ impl Drop for Guest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_shared_ram_sockets_and_escapes_commas() {
+        let mut cfg = LaunchConfig::new("/k/vmlinuz", "/run/a,b");
+        cfg.initrd = Some("/k/initrd".into());
+        cfg.mem_bytes = 256 << 20;
+        cfg.smp = 2;
+        let mut st = cfg.paths();
+        st.ram_path = "/dev/shm/kvmaccess-x".into();
+        let args: Vec<String> = cfg
+            .args(Accel::Tcg, &st)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        for want in [
+            "-nodefaults -nographic -no-user-config",
+            "-accel tcg -cpu max -m 256M -smp 2",
+            "memory-backend-file,id=ram,size=256M,mem-path=/dev/shm/kvmaccess-x,share=on",
+            "-machine memory-backend=ram",
+            "-qmp unix:/run/a,,b/qmp.sock,server=on,wait=off",
+            "socket,id=con,path=/run/a,,b/console.sock,server=on,wait=off,logfile=/run/a,,b/console.log",
+            "-serial chardev:con",
+            "-device vmcoreinfo -no-reboot",
+            "-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0",
+        ] {
+            assert!(joined.contains(want), "{want:?} missing from {joined}");
+        }
+        // The pidfile is a plain argument, not an option value: no comma escaping.
+        assert!(args.iter().any(|a| a == "/run/a,b/qemu.pid"));
+    }
+
+    #[test]
+    fn memory_must_be_whole_mib() {
+        let mut cfg = LaunchConfig::new("/k", "/r");
+        cfg.mem_bytes = (1 << 20) + 1;
+        assert!(cfg.args(Accel::Tcg, &cfg.paths()).is_err());
+        cfg.mem_bytes = 0;
+        assert!(cfg.args(Accel::Tcg, &cfg.paths()).is_err());
+    }
+
+    #[test]
+    fn auto_resolves_to_a_concrete_accelerator() {
+        let (accel, why) = Accel::Auto.resolve();
+        assert_ne!(accel, Accel::Auto);
+        assert!(!why.is_empty());
+        assert_eq!(Accel::Tcg.resolve().0, Accel::Tcg);
+    }
+}
