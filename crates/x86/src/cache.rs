@@ -96,6 +96,9 @@ const EMPTY_SLOT: Slot = Slot {
 /// the cached leaf entry (one 4- or 8-byte physical read) and drops the entry if it changed. That
 /// catches a remapped or unmapped page at roughly twice the cost of an unvalidated hit, but not a
 /// change in an upper level (a whole page table swapped out): for that, invalidate.
+///
+/// Entries do not record the [`WalkOptions`] they were walked with: invalidate after changing
+/// them ([`AddressSpace::with_options`] does).
 #[derive(Clone)]
 pub struct TranslationCache {
     slots: Box<[Slot]>,

@@ -340,47 +340,35 @@ fn decode_legacy_slot(low: u64, long_mode: bool) -> Descriptor {
     }
 }
 
-/// A 16-byte long-mode system descriptor (LDT, TSS or call gate).
+/// A 16-byte long-mode system descriptor: LDT, TSS or call gate (the only types the caller
+/// sends here).
 fn decode_long_system(low: u64, high: u64) -> Descriptor {
     let mut fields = SegmentFields::from_low(low);
     fields.base |= field(high, 0, 32) << 32;
+    let tss = |busy| {
+        Descriptor::Tss(TssDescriptor {
+            fields,
+            width: GateWidth::Bits64,
+            busy,
+        })
+    };
     match field_u8(low, 40, 4) {
         0x2 => Descriptor::Ldt(SystemSegment { fields }),
-        0x9 => Descriptor::Tss(TssDescriptor {
-            fields,
-            width: GateWidth::Bits64,
-            busy: false,
-        }),
-        0xb => Descriptor::Tss(TssDescriptor {
-            fields,
-            width: GateWidth::Bits64,
-            busy: true,
-        }),
-        type_code => Descriptor::CallGate(CallGate {
+        0x9 => tss(false),
+        0xb => tss(true),
+        0xc => Descriptor::CallGate(CallGate {
             width: GateWidth::Bits64,
             selector: field_u16(low, 16),
             offset: gate_offset(low, high),
             param_count: 0,
             dpl: fields.dpl,
             present: fields.present,
-        })
-        .with_type_check(type_code),
-    }
-}
-
-impl Descriptor {
-    /// Only call gates reach the catch-all arm of [`decode_long_system`]; anything else would be
-    /// a caller bug, shown as reserved rather than misdecoded.
-    fn with_type_check(self, type_code: u8) -> Self {
-        match (self, type_code) {
-            (Descriptor::CallGate(_), 0xc) => self,
-            (Descriptor::CallGate(gate), _) => Descriptor::Reserved {
-                type_code,
-                dpl: gate.dpl,
-                present: gate.present,
-            },
-            _ => self,
-        }
+        }),
+        type_code => Descriptor::Reserved {
+            type_code,
+            dpl: fields.dpl,
+            present: fields.present,
+        },
     }
 }
 

@@ -5,6 +5,23 @@
 //! Everything read from the guest (page tables, descriptor tables) is treated as hostile input:
 //! decoding never panics, never loops on guest-controlled data, and reports failures with the
 //! values that caused them.
+//!
+//! ```
+//! use kvmaccess_core::{Gpa, Gva};
+//! use kvmaccess_testkit::{MapFlags, MockMemory, PageSize, PageTableBuilder, TableFormat};
+//! use kvmaccess_x86::{AddressSpace, PagingMode};
+//!
+//! let mem = MockMemory::new(64 << 20);
+//! let mut tables = PageTableBuilder::new(&mem, TableFormat::Level4)?;
+//! tables.map(Gva(0xffff_8880_0000_0000), Gpa(0x80_0000), PageSize::Size2M, MapFlags::KERNEL_RW)?;
+//! mem.write_u64(Gpa(0x80_0010), 42)?;
+//!
+//! // With a live guest or a dump: `AddressSpace::from_registers(&backend, &registers)`.
+//! let mut space = AddressSpace::new(&mem, PagingMode::Level4, tables.cr3());
+//! assert_eq!(space.read_u64(Gva(0xffff_8880_0000_0010))?, 42);
+//! println!("{}", space.translate(Gva(0xffff_8880_0000_0010))?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 

@@ -44,7 +44,8 @@ pub enum Level {
 
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // `pad` so that callers can align level names in tables.
+        f.pad(match self {
             Level::Pml5 => "PML5",
             Level::Pml4 => "PML4",
             Level::Pdpt => "PDPT",
@@ -185,8 +186,8 @@ pub struct Mapping {
     /// User-accessible: the AND of the U/S bits of every level.
     pub user: bool,
     /// Execute-disable: the OR of the XD bits of every level. Meaningful only when EFER.NXE is
-    /// set (without it the walker rejects XD as a reserved bit unless told NXE is unknown);
-    /// always false in 32-bit paging, which has no XD bit.
+    /// set: with [`WalkOptions::nx_enabled`] false a set XD bit fails the walk as reserved, as on
+    /// the CPU. Always false in 32-bit paging, which has no XD bit.
     pub nx: bool,
     /// G bit of the leaf entry.
     pub global: bool,
@@ -210,6 +211,30 @@ impl Mapping {
     }
 }
 
+impl fmt::Display for Mapping {
+    /// `4K page 0x1000 -> 0x5000 W U NX G D A`, listing only the set permission and status bits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} page {} -> {}",
+            self.page_size, self.virt_base, self.page_base
+        )?;
+        for (on, name) in [
+            (self.writable, "W"),
+            (self.user, "U"),
+            (self.nx, "NX"),
+            (self.global, "G"),
+            (self.dirty, "D"),
+            (self.accessed, "A"),
+        ] {
+            if on {
+                write!(f, " {name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The result of a successful walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Translation {
@@ -224,10 +249,25 @@ pub struct Translation {
     pub trail: WalkTrail,
 }
 
+impl fmt::Display for Translation {
+    /// The translation on one line, then one indented line per entry read.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} ({})", self.gva, self.gpa, self.mapping)?;
+        for step in self.trail.as_slice() {
+            write!(
+                f,
+                "\n  {:<4} entry at {} = {:#018x}",
+                step.level, step.entry_addr, step.value
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Facts about the vCPU that the walker cannot read from the tables themselves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct WalkOptions {
-    /// MAXPHYADDR, the physical-address width (CPUID 0x80000008 EAX[7:0]); entry address bits at
+    /// MAXPHYADDR, the physical-address width (CPUID leaf 0x80000008, EAX bits 7:0); entry address bits at
     /// or above it are reserved. Clamped to 32..=52; default 52, which accepts every address a
     /// table can hold.
     pub phys_addr_bits: u8,

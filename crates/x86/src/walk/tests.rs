@@ -798,6 +798,56 @@ fn serializes_for_the_cli() {
     assert_eq!(json["trail"].as_array().unwrap().len(), 3);
     assert_eq!(json["trail"][0]["level"], "PML4");
     assert_eq!(json["writable"], true);
+
+    let text = t.to_string();
+    let pml4 = tables
+        .entry_addr(Gva(0x20_0000), TableLevel::Pml4)
+        .unwrap()
+        .unwrap();
+    assert!(
+        text.starts_with("0x200010 -> 0x200010 (2M page 0x200000 -> 0x200000 W)\n  PML4 entry at "),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("PML4 entry at {pml4} = 0x")),
+        "{text}"
+    );
+    assert!(text.contains("\n  PD   entry at "), "{text}");
+    assert_eq!(text.lines().count(), 4);
+}
+
+#[test]
+fn works_through_trait_objects() {
+    let mem = MockMemory::new(RAM);
+    let mut tables = PageTableBuilder::new(&mem, TableFormat::Level4).unwrap();
+    tables
+        .map(
+            Gva(0x1000),
+            Gpa(0x50_0000),
+            TkSize::Size4K,
+            MapFlags::KERNEL_RW,
+        )
+        .unwrap();
+    mem.write_u64(Gpa(0x50_0000), 7).unwrap();
+    let dyn_mem: &dyn PhysicalMemory = &mem;
+    assert_eq!(
+        translate(dyn_mem, PagingMode::Level4, tables.cr3(), Gva(0x1000))
+            .unwrap()
+            .gpa,
+        Gpa(0x50_0000)
+    );
+    let mut space = crate::AddressSpace::new(dyn_mem, PagingMode::Level4, tables.cr3());
+    assert_eq!(space.read_u64(Gva(0x1000)).unwrap(), 7);
+    let dyn_write: &dyn kvmaccess_core::PhysicalMemoryWrite = &mem;
+    write_virt(
+        dyn_write,
+        PagingMode::Level4,
+        tables.cr3(),
+        Gva(0x1000),
+        &[9],
+    )
+    .unwrap();
+    assert_eq!(space.read_u64(Gva(0x1000)).unwrap(), 9);
 }
 
 /// xorshift64*: deterministic, dependency-free noise for the robustness test.
