@@ -1,1 +1,159 @@
-fn main() {}
+//! `kvmaccess`: inspect a QEMU/KVM guest's memory, registers and descriptor tables from outside.
+
+mod bench;
+mod boot;
+mod hexdump;
+mod inspect;
+mod output;
+mod parse;
+mod target;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::parse::{parse_size, parse_u64};
+
+/// Watch a virtual machine's kernel from outside the guest.
+///
+/// Every inspection command works on one target: a running QEMU (`--qmp SOCKET`), a memory dump
+/// (`--dump FILE`), or, by default, the guest that `kvmaccess boot` started.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvmaccess",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(flatten)]
+    target: TargetArgs,
+
+    /// Print JSON instead of text (on every command that prints data).
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the guest is.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// QMP socket of a running QEMU (ours or anybody's), e.g. /run/vm/qmp.sock.
+    #[arg(long, global = true, value_name = "SOCKET", conflicts_with_all = ["dump", "guest"])]
+    pub qmp: Option<PathBuf>,
+
+    /// A memory dump: ELF core (QEMU dump-guest-memory, virsh dump --memory-only), LiME, or a
+    /// raw image with --raw-base.
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "guest")]
+    pub dump: Option<PathBuf>,
+
+    /// Guest-physical address where a raw dump starts (raw images only).
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_u64, requires = "dump")]
+    pub raw_base: Option<u64>,
+
+    /// Name of a guest started by `kvmaccess boot` [default: default].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub guest: Option<String>,
+
+    /// Directory holding the run directories of guests that `boot` starts
+    /// [default: $KVMACCESS_RUN_DIR, else /run/kvmaccess as root, else $XDG_RUNTIME_DIR/kvmaccess].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub run_root: Option<PathBuf>,
+
+    /// Read guest registers through the binary CPU notes of a one-page dump instead of HMP
+    /// `info registers` (no EFER; QEMU briefly stops the guest).
+    #[arg(long, global = true)]
+    pub regs_from_dump: bool,
+
+    /// Read guest RAM through /proc/PID/mem even when QEMU shares it (for cross-checks).
+    #[arg(long, global = true)]
+    pub proc_mem: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Launch a guest (default: the built-in Debian test guest) with shared RAM and a QMP socket,
+    /// and keep it running in the background.
+    Boot(boot::BootArgs),
+    /// Stop a guest started by `boot` and remove its run directory.
+    Shutdown(boot::ShutdownArgs),
+    /// Run a shell command on the serial console of a guest started by `boot`.
+    Console(boot::ConsoleArgs),
+    /// vCPU registers, with CR0/CR4/EFER decoded (paging mode, WP, SMEP, SMAP, NXE).
+    Regs(inspect::RegsArgs),
+    /// The decoded GDT of a vCPU.
+    Gdt(inspect::TableArgs),
+    /// The 256 IDT gates of a vCPU.
+    Idt(inspect::TableArgs),
+    /// Translate a guest-virtual address, printing every level of the page walk.
+    Translate(inspect::TranslateArgs),
+    /// Read guest memory by virtual (default) or physical address; hexdump or raw bytes.
+    Read(inspect::ReadArgs),
+    /// Write guest memory (needs --allow-write); the bytes are read back to verify.
+    Write(inspect::WriteArgs),
+    /// Stop the guest's vCPUs.
+    Pause,
+    /// Let the guest's vCPUs run again.
+    Resume,
+    /// Save guest memory and registers as an ELF core that QEMU-style tools can read.
+    Dump(inspect::DumpArgs),
+    /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's figures.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            // One line a user can act on: the chain of causes joined, no backtrace.
+            let message = error
+                .chain()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("kvmaccess: error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json = cli.json;
+    let target = &cli.target;
+    match cli.command {
+        Command::Boot(args) => boot::boot(target, &args, json),
+        Command::Shutdown(args) => boot::shutdown(target, &args, json),
+        Command::Console(args) => boot::console(target, &args),
+        Command::Regs(args) => inspect::regs(target, &args, json),
+        Command::Gdt(args) => inspect::gdt(target, &args, json),
+        Command::Idt(args) => inspect::idt(target, &args, json),
+        Command::Translate(args) => inspect::translate(target, &args, json),
+        Command::Read(args) => inspect::read(target, &args, json),
+        Command::Write(args) => inspect::write(target, &args, json),
+        Command::Pause => inspect::pause(target, true, json),
+        Command::Resume => inspect::pause(target, false, json),
+        Command::Dump(args) => inspect::dump(target, &args, json),
+        Command::Bench(args) => bench::bench(target, &args, json),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses a byte count for clap.
+pub fn size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

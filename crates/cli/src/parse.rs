@@ -11,7 +11,9 @@ pub fn parse_u64(text: &str) -> Result<u64, String> {
         .or_else(|| trimmed.strip_prefix("0X"))
     {
         (hex.to_string(), 16)
-    } else if trimmed.chars().any(|c| c.is_ascii_hexdigit() && !c.is_ascii_digit())
+    } else if trimmed
+        .chars()
+        .any(|c| c.is_ascii_hexdigit() && !c.is_ascii_digit())
         || trimmed.len() == 16
     {
         (trimmed.clone(), 16)
@@ -21,7 +23,8 @@ pub fn parse_u64(text: &str) -> Result<u64, String> {
     if digits.is_empty() {
         return Err(format!("'{text}' is not a number"));
     }
-    u64::from_str_radix(&digits, radix).map_err(|e| format!("'{text}' is not a valid address or number: {e}"))
+    u64::from_str_radix(&digits, radix)
+        .map_err(|e| format!("'{text}' is not a valid address or number: {e}"))
 }
 
 /// Parses a byte count: `4096`, `0x1000`, `4K`, `512M`, `2G` (binary units).
@@ -74,7 +77,10 @@ mod tests {
     #[test]
     fn addresses_in_the_forms_users_paste() {
         assert_eq!(parse_u64("0x10").unwrap(), 16);
-        assert_eq!(parse_u64("ffffffff81000000").unwrap(), 0xffff_ffff_8100_0000);
+        assert_eq!(
+            parse_u64("ffffffff81000000").unwrap(),
+            0xffff_ffff_8100_0000
+        );
         assert_eq!(parse_u64("0000000000001000").unwrap(), 0x1000);
         assert_eq!(parse_u64("4096").unwrap(), 4096);
         assert_eq!(parse_u64("0xffff_ffff").unwrap(), 0xffff_ffff);
