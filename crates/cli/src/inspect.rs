@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use kvmaccess_core::{Gpa, Gva, PhysicalMemory, Registers};
-use kvmaccess_x86::{read_gdt, read_idt, AddressSpace, ControlRegisters, Cr3, PagingMode};
+use kvmaccess_x86::{
+    read_gdt, read_idt, AddressSpace, ControlRegisters, Cr3, ModeEvidence, PagingMode,
+};
 use serde::Serialize;
 
 use crate::hexdump::hexdump;
