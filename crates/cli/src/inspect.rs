@@ -423,6 +423,7 @@ pub fn read(args: &TargetArgs, cmd: &ReadArgs, json: bool) -> Result<()> {
     if json {
         #[derive(Serialize)]
         struct ReadJson {
+            #[serde(with = "kvmaccess_core::hex")]
             address: u64,
             physical: bool,
             hex: String,
@@ -526,6 +527,7 @@ pub fn write(args: &TargetArgs, cmd: &WriteArgs, json: bool) -> Result<()> {
     if json {
         #[derive(Serialize)]
         struct WriteJson {
+            #[serde(with = "kvmaccess_core::hex")]
             address: u64,
             physical: bool,
             written: usize,

@@ -9,7 +9,7 @@ macro_rules! address_newtype {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(pub u64);
+        pub struct $name(#[serde(with = "crate::hex")] pub u64);
 
         impl $name {
             /// The raw address.

@@ -9,6 +9,7 @@
 
 mod addr;
 mod error;
+pub mod hex;
 mod regs;
 
 pub use addr::{Gfn, Gpa, Gva, PhysRange, PAGE_SIZE};

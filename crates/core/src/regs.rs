@@ -7,6 +7,7 @@ pub struct Segment {
     /// Visible selector.
     pub selector: u16,
     /// Cached base address.
+    #[serde(with = "crate::hex")]
     pub base: u64,
     /// Cached limit, in bytes (already scaled by the granularity bit).
     pub limit: u32,
@@ -31,6 +32,7 @@ impl Segment {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorTable {
     /// Linear address of the table.
+    #[serde(with = "crate::hex")]
     pub base: u64,
     /// Limit: the table's size in bytes minus one.
     pub limit: u32,
@@ -44,23 +46,41 @@ pub struct DescriptorTable {
 pub struct Registers {
     /// vCPU index, from 0.
     pub vcpu: usize,
+    #[serde(with = "crate::hex")]
     pub rax: u64,
+    #[serde(with = "crate::hex")]
     pub rbx: u64,
+    #[serde(with = "crate::hex")]
     pub rcx: u64,
+    #[serde(with = "crate::hex")]
     pub rdx: u64,
+    #[serde(with = "crate::hex")]
     pub rsi: u64,
+    #[serde(with = "crate::hex")]
     pub rdi: u64,
+    #[serde(with = "crate::hex")]
     pub rbp: u64,
+    #[serde(with = "crate::hex")]
     pub rsp: u64,
+    #[serde(with = "crate::hex")]
     pub r8: u64,
+    #[serde(with = "crate::hex")]
     pub r9: u64,
+    #[serde(with = "crate::hex")]
     pub r10: u64,
+    #[serde(with = "crate::hex")]
     pub r11: u64,
+    #[serde(with = "crate::hex")]
     pub r12: u64,
+    #[serde(with = "crate::hex")]
     pub r13: u64,
+    #[serde(with = "crate::hex")]
     pub r14: u64,
+    #[serde(with = "crate::hex")]
     pub r15: u64,
+    #[serde(with = "crate::hex")]
     pub rip: u64,
+    #[serde(with = "crate::hex")]
     pub rflags: u64,
     pub cs: Segment,
     pub ds: Segment,
@@ -72,12 +92,18 @@ pub struct Registers {
     pub tr: Segment,
     pub gdtr: DescriptorTable,
     pub idtr: DescriptorTable,
+    #[serde(with = "crate::hex")]
     pub cr0: u64,
+    #[serde(with = "crate::hex")]
     pub cr2: u64,
+    #[serde(with = "crate::hex")]
     pub cr3: u64,
+    #[serde(with = "crate::hex")]
     pub cr4: u64,
     /// EFER MSR, when the backend reports it.
+    #[serde(with = "crate::hex::option")]
     pub efer: Option<u64>,
     /// IA32_KERNEL_GS_BASE MSR, when the backend reports it.
+    #[serde(with = "crate::hex::option")]
     pub kernel_gs_base: Option<u64>,
 }

@@ -276,6 +276,7 @@ impl fmt::Display for PagingMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Cr3 {
     /// The raw register.
+    #[serde(with = "kvmaccess_core::hex")]
     pub raw: u64,
     /// The top-level table, see [`PagingMode::root_table`].
     pub root: Option<Gpa>,

@@ -63,6 +63,7 @@ impl fmt::Display for GateWidth {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct SegmentFields {
     /// Base address (64-bit for long-mode system descriptors).
+    #[serde(with = "kvmaccess_core::hex")]
     pub base: u64,
     /// The 20-bit limit field as stored.
     pub limit: u32,
@@ -160,6 +161,7 @@ pub struct CallGate {
     /// Target code segment.
     pub selector: u16,
     /// Target offset.
+    #[serde(with = "kvmaccess_core::hex")]
     pub offset: u64,
     /// Stack parameters copied on a privilege change (not in 64-bit gates).
     pub param_count: u8,
@@ -223,8 +225,10 @@ pub struct GdtEntry {
     /// Selector with RPL 0 and TI 0 that loads this descriptor.
     pub selector: u16,
     /// The slot as stored.
+    #[serde(with = "kvmaccess_core::hex")]
     pub raw: u64,
     /// The second slot of a 16-byte descriptor.
+    #[serde(with = "kvmaccess_core::hex::option")]
     pub raw_high: Option<u64>,
     /// The decoded descriptor.
     pub descriptor: Descriptor,
@@ -406,6 +410,7 @@ pub struct IdtGate {
     /// Target code segment (the TSS selector for task gates).
     pub selector: u16,
     /// Handler offset (0 for task gates).
+    #[serde(with = "kvmaccess_core::hex")]
     pub offset: u64,
     /// Interrupt-stack-table slot, 1-7; 0 means no stack switch (64-bit gates only).
     pub ist: u8,
@@ -414,8 +419,10 @@ pub struct IdtGate {
     /// P.
     pub present: bool,
     /// The low 8 bytes as stored.
+    #[serde(with = "kvmaccess_core::hex")]
     pub raw: u64,
     /// The high 8 bytes of a 64-bit gate.
+    #[serde(with = "kvmaccess_core::hex::option")]
     pub raw_high: Option<u64>,
 }
 

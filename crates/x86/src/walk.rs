@@ -113,6 +113,7 @@ pub struct WalkStep {
     /// Guest-physical address of the entry.
     pub entry_addr: Gpa,
     /// The entry as read (zero-extended for 4-byte entries).
+    #[serde(with = "kvmaccess_core::hex")]
     pub value: u64,
 }
 

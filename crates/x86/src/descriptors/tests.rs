@@ -285,7 +285,7 @@ fn idt_64_bit_gates() {
     let json = serde_json::to_value(int80).unwrap();
     assert_eq!(json["kind"], "interrupt");
     assert_eq!(json["width"], "64");
-    assert_eq!(json["offset"], 0xffff_ffff_81a0_1234u64);
+    assert_eq!(json["offset"], "0xffffffff81a01234");
 }
 
 /// An 8-byte 32-bit IDT gate.

@@ -793,7 +793,7 @@ fn serializes_for_the_cli() {
         .unwrap();
     let t = translate(&mem, PagingMode::Level4, tables.cr3(), Gva(0x20_0010)).unwrap();
     let json = serde_json::to_value(t).unwrap();
-    assert_eq!(json["gpa"], 0x20_0010);
+    assert_eq!(json["gpa"], "0x200010");
     assert_eq!(json["page_size"], "2M");
     assert_eq!(json["trail"].as_array().unwrap().len(), 3);
     assert_eq!(json["trail"][0]["level"], "PML4");
