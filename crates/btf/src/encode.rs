@@ -95,7 +95,7 @@ impl BtfBuilder {
 
     /// `BTF_KIND_INT` of `size` bytes using all its bits.
     pub fn int(&mut self, name: &str, size: u32, signed: bool) -> TypeId {
-        let enc = u32::from(signed) << 24 | (size * 8).min(255);
+        let enc = u32::from(signed) << 24 | size.saturating_mul(8).min(255);
         self.raw(name, 1, false, 0, size, &[enc])
     }
 

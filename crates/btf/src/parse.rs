@@ -348,17 +348,14 @@ impl Btf {
                     let lo = d.word()?;
                     let value = if kind == Kind::Enum {
                         if kflag {
-                            // Reinterpreting the stored bits as the C `__s32 val` is the point.
-                            #[allow(clippy::cast_possible_wrap)]
-                            i128::from(lo as i32)
+                            i128::from(i32::from_le_bytes(lo.to_le_bytes()))
                         } else {
                             i128::from(lo)
                         }
                     } else {
                         let raw = u64::from(d.word()?) << 32 | u64::from(lo);
                         if kflag {
-                            #[allow(clippy::cast_possible_wrap)]
-                            i128::from(raw as i64)
+                            i128::from(i64::from_le_bytes(raw.to_le_bytes()))
                         } else {
                             i128::from(raw)
                         }
@@ -429,8 +426,7 @@ impl Btf {
             }
             Kind::DeclTag => {
                 let raw = d.word()?;
-                #[allow(clippy::cast_possible_wrap)]
-                let component_idx = raw as i32;
+                let component_idx = i32::from_le_bytes(raw.to_le_bytes());
                 if component_idx < -1 {
                     return Err(d.invalid(format!("decl_tag component_idx {component_idx}")));
                 }
@@ -521,7 +517,7 @@ fn decode_strings(sec: &[u8]) -> Result<&str, Error> {
         (_, Some(&last)) if last != 0 => {
             return Err(Error::BadStringSection(format!(
                 "last byte (offset {:#x}) is {last:#04x}, not NUL",
-                sec.len() - 1
+                sec.len().saturating_sub(1)
             )))
         }
         _ => {}

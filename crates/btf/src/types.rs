@@ -379,7 +379,9 @@ pub struct Enumerator<'a> {
     /// Name.
     pub name: &'a str,
     /// Value, sign- or zero-extended according to the enum's signedness (exact for every
-    /// enum64 value, signed or not).
+    /// enum64 value, signed or not). BTF from before the signedness flag (pahole < 1.24) marks
+    /// every enum unsigned, so a negative 32-bit enumerator of such a kernel reads as its
+    /// two's-complement `u32` value.
     pub value: i128,
 }
 
