@@ -65,6 +65,21 @@ pub enum Error {
         /// Why each rejected copy was rejected.
         rejected: Vec<String>,
     },
+    /// The kernel's BTF could not be used.
+    #[error("kernel types: {0}")]
+    NoBtf(String),
+    /// A BTF lookup failed (a type or member this kernel does not have, or malformed BTF).
+    #[error("kernel types: {what}: {source}")]
+    Btf {
+        /// What was looked up.
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: kvmaccess_btf::Error,
+    },
+    /// The kernel's BTF has no type of this name.
+    #[error("kernel types: no struct, union or typedef named {0}")]
+    BtfMissingType(String),
     /// Neither VMCOREINFO nor vCPU registers were available: nothing to build a profile from.
     #[error("cannot locate the kernel: {0}")]
     NoProfileSource(String),

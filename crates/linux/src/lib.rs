@@ -18,6 +18,7 @@ pub mod kallsyms;
 mod layout;
 mod symbols;
 mod sysmap;
+mod types;
 pub mod vmcoreinfo;
 
 use std::sync::{Mutex, MutexGuard};
@@ -34,6 +35,7 @@ pub use layout::{
 };
 pub use symbols::{Symbol, SymbolTable};
 pub use sysmap::SystemMap;
+pub use types::{KernelTypes, MAX_BTF_BYTES};
 pub use vmcoreinfo::{ScanMode, ScanOptions, Vmcoreinfo};
 
 /// Most distinct VMCOREINFO copies that are fully validated (each costs a kallsyms decode).

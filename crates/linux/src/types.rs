@@ -1,0 +1,91 @@
+//! The kernel's own type information: the BTF blob between `__start_BTF` and `__stop_BTF`,
+//! read from guest memory and parsed.
+
+use std::time::Instant;
+
+use kvmaccess_btf::Btf;
+use kvmaccess_core::Gva;
+
+use crate::{Error, Kernel, Result};
+
+/// Largest BTF blob accepted; the 6.1 kernel's is 4 MiB, a guest claiming more is lying.
+pub const MAX_BTF_BYTES: u64 = 64 << 20;
+
+/// The parsed kernel BTF and how long it took to get it.
+#[derive(Debug)]
+pub struct KernelTypes {
+    /// The parsed type information.
+    pub btf: Btf,
+    /// Bytes read from the guest.
+    pub bytes: u64,
+    /// Time to read the blob and parse it.
+    pub elapsed: std::time::Duration,
+}
+
+impl KernelTypes {
+    /// Byte offset of `path` (dotted, through anonymous members) in `type_name`, with an error
+    /// naming both when the kernel lacks it.
+    pub fn offset_of(&self, type_name: &str, path: &str) -> Result<u64> {
+        self.btf
+            .offset_of(type_name, path)
+            .map_err(|source| Error::Btf {
+                what: format!("{type_name}.{path}"),
+                source,
+            })
+    }
+
+    /// Size of a struct, union or typedef by name.
+    pub fn size_of(&self, type_name: &str) -> Result<u64> {
+        let id = self
+            .btf
+            .find_composite(type_name)
+            .ok_or_else(|| Error::BtfMissingType(type_name.to_string()))?;
+        self.btf.size_of(id).map_err(|source| Error::Btf {
+            what: format!("size of {type_name}"),
+            source,
+        })
+    }
+}
+
+impl Kernel<'_> {
+    /// Reads and parses the kernel's BTF. Kernels built without CONFIG_DEBUG_INFO_BTF have no
+    /// `__start_BTF`; the error says what to pass instead.
+    pub fn load_types(&self) -> Result<KernelTypes> {
+        let started = Instant::now();
+        let (start, stop) = match (self.symbol("__start_BTF"), self.symbol("__stop_BTF")) {
+            (Ok(start), Ok(stop)) => (start, stop),
+            _ => {
+                return Err(Error::NoBtf(
+                    "the kernel has no __start_BTF/__stop_BTF symbols (built without \
+                     CONFIG_DEBUG_INFO_BTF); pass a vmlinux with BTF or DWARF (--vmlinux)"
+                        .to_string(),
+                ))
+            }
+        };
+        let len = stop
+            .checked_sub(start)
+            .filter(|len| (1..=MAX_BTF_BYTES).contains(len))
+            .ok_or_else(|| {
+                Error::NoBtf(format!(
+                    "__start_BTF {start:#x} .. __stop_BTF {stop:#x} is not a plausible BTF blob \
+                     (at most {MAX_BTF_BYTES} bytes)"
+                ))
+            })?;
+        let mut blob = vec![
+            0u8;
+            usize::try_from(len).map_err(|_| Error::NoBtf(format!(
+                "{len} bytes do not fit in memory"
+            )))?
+        ];
+        self.read(Gva(start), &mut blob)?;
+        let btf = Btf::parse(&blob).map_err(|source| Error::Btf {
+            what: format!("the kernel BTF at {start:#x} ({len} bytes)"),
+            source,
+        })?;
+        Ok(KernelTypes {
+            btf,
+            bytes: len,
+            elapsed: started.elapsed(),
+        })
+    }
+}
