@@ -4,6 +4,7 @@ mod bench;
 mod boot;
 mod hexdump;
 mod inspect;
+mod linux;
 mod output;
 mod parse;
 mod target;
@@ -71,6 +72,9 @@ pub struct TargetArgs {
     /// Read guest RAM through /proc/PID/mem even when QEMU shares it (for cross-checks).
     #[arg(long, global = true)]
     pub proc_mem: bool,
+
+    #[command(flatten)]
+    pub profile: linux::ProfileArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +104,13 @@ enum Command {
     Resume,
     /// Save guest memory and registers as an ELF core that QEMU-style tools can read.
     Dump(inspect::DumpArgs),
+    /// The guest kernel: release, KASLR offsets, paging mode, where the profile came from and
+    /// how long each step took.
+    Info(linux::InfoArgs),
+    /// Every kernel and module symbol, in the layout of /proc/kallsyms.
+    Symbols(linux::SymbolsArgs),
+    /// Kernel addresses to symbol+offset.
+    Addr2sym(linux::Addr2SymArgs),
     /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's figures.
     Bench(bench::BenchArgs),
 }
@@ -137,6 +148,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause => inspect::pause(target, true, json),
         Command::Resume => inspect::pause(target, false, json),
         Command::Dump(args) => inspect::dump(target, &args, json),
+        Command::Info(args) => linux::info(target, &args, json),
+        Command::Symbols(args) => linux::symbols(target, &args, json),
+        Command::Addr2sym(args) => linux::addr2sym(target, &args, json),
         Command::Bench(args) => bench::bench(target, &args, json),
     }?;
     Ok(ExitCode::SUCCESS)

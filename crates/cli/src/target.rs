@@ -118,6 +118,15 @@ impl Target {
         }
     }
 
+    /// The `VMCOREINFO` text a dump recorded (ELF core note); `None` for live guests, whose
+    /// memory is scanned instead so that nothing the guest handed to QEMU is trusted blindly.
+    pub fn vmcoreinfo_recorded(&self) -> Option<String> {
+        match self {
+            Target::Live(_) => None,
+            Target::Dump(dump) => dump.vmcoreinfo().map(str::to_owned),
+        }
+    }
+
     /// A few words naming the target, for messages.
     pub fn describe(&self) -> String {
         match self {
