@@ -273,3 +273,28 @@ fn write_needs_consent_and_the_guest_sees_it() {
     assert_eq!(written["written"], 15);
     assert_eq!(guest.console("hostname").trim(), "kvmaccess-wrote");
 }
+
+/// Looking at a guest must not make the host allocate the RAM the guest never touched: the
+/// VMCOREINFO scan and a full dump skip holes of QEMU's RAM file.
+#[test]
+fn scanning_and_dumping_do_not_inflate_guest_ram() {
+    use std::os::unix::fs::MetadataExt;
+    let guest = BootedGuest::boot(&["--smp", "1", "--mem", "1G"]);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(guest.run_root.path().join("default/guest.json")).expect("state"),
+    )
+    .expect("json");
+    let ram = std::path::PathBuf::from(state["ram_path"].as_str().expect("ram_path"));
+    let allocated = || std::fs::metadata(&ram).expect("ram file").blocks() * 512;
+    let before = allocated();
+    guest.run(&["info"]).ok();
+    let core = guest.run_root.path().join("sparse.core");
+    guest
+        .run(&["dump", "-o", core.to_str().expect("utf-8"), "--quiet"])
+        .ok();
+    let after = allocated();
+    assert!(
+        after < before + (64 << 20) && after < (1 << 30) / 2,
+        "guest RAM file grew from {before} to {after} bytes allocated"
+    );
+}

@@ -41,6 +41,16 @@ pub trait PhysicalMemory: Send + Sync {
         Ok(u32::from_le_bytes(raw))
     }
 
+    /// The parts of `within` that may hold data; the rest of `within` reads as zeros.
+    ///
+    /// Readers that sweep all of guest memory (signature scans, dumps) use this to skip RAM the
+    /// guest never touched: reading it through a shared mapping of QEMU's RAM file would make the
+    /// host allocate it, inflating every guest we look at to its full size. Backends that cannot
+    /// tell return `within` whole.
+    fn data_ranges(&self, within: PhysRange) -> Vec<PhysRange> {
+        vec![within]
+    }
+
     /// Total bytes of guest RAM.
     fn ram_size(&self) -> u64 {
         self.ranges().iter().map(PhysRange::len).sum()

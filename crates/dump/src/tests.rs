@@ -840,3 +840,73 @@ fn open_dump_sniffs_and_explains() {
     let core_err: Error = open_dump(&missing, None).unwrap_err().into();
     assert!(matches!(core_err, Error::Io { .. }));
 }
+
+/// Memory that reports a hole in the middle and fails any read that touches it, the way a
+/// reader must treat never-touched RAM of a shared-file backend.
+struct Sparse {
+    ranges: Vec<PhysRange>,
+    hole: PhysRange,
+}
+
+impl PhysicalMemory for Sparse {
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
+        let end = gpa.0 + buf.len() as u64;
+        if gpa.0 < self.hole.end.0 && end > self.hole.start.0 {
+            return Err(Error::Unsupported(format!("read of the hole at {gpa}")));
+        }
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = pattern(gpa.0 + i as u64));
+        Ok(())
+    }
+
+    fn ranges(&self) -> &[PhysRange] {
+        &self.ranges
+    }
+
+    fn data_ranges(&self, within: PhysRange) -> Vec<PhysRange> {
+        [
+            PhysRange {
+                start: within.start,
+                end: Gpa(self.hole.start.0.min(within.end.0)),
+            },
+            PhysRange {
+                start: Gpa(self.hole.end.0.max(within.start.0)),
+                end: within.end,
+            },
+        ]
+        .into_iter()
+        .filter(|r| r.start < r.end)
+        .collect()
+    }
+}
+
+#[test]
+fn writer_does_not_read_holes_and_writes_them_as_zeros() {
+    let mem = Sparse {
+        ranges: vec![PhysRange {
+            start: Gpa(0),
+            end: Gpa(5 << 20),
+        }],
+        hole: PhysRange {
+            start: Gpa(0x10_1000),
+            end: Gpa(0x30_0000),
+        },
+    };
+    let mut out = Vec::new();
+    write_elf_core(&mut out, &mem, &[], None, &mut |_, _| {}).expect("holes are not read");
+    let core = ElfCore::from_bytes(out).expect("core");
+    let mut buf = vec![0xffu8; 0x20_0000];
+    core.read_phys(Gpa(0x10_0000), &mut buf).expect("read");
+    assert!(buf[..0x1000]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern(0x10_0000 + i as u64)));
+    assert!(
+        buf[0x1000..].iter().all(|&b| b == 0),
+        "the hole reads as zeros"
+    );
+    let mut tail = [0u8; 16];
+    core.read_phys(Gpa(0x30_0000), &mut tail).expect("read");
+    assert_eq!(tail[0], pattern(0x30_0000));
+}

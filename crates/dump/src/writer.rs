@@ -209,11 +209,30 @@ fn write_core_inner<W: Write + ?Sized>(
             )))?;
         written = written.saturating_add(pad_len as u64);
 
+        // RAM the guest never touched is written as zeros without reading it: a read through a
+        // shared mapping would make the host allocate it.
+        let data = mem.data_ranges(*range);
         let mut gpa = range.start.0;
         while gpa < range.end.0 {
-            let n = usize::try_from(range.end.0 - gpa).map_or(CHUNK, |left| left.min(CHUNK));
+            let mut n = usize::try_from(range.end.0 - gpa).map_or(CHUNK, |left| left.min(CHUNK));
+            let next_data = data.iter().find(|d| d.end.0 > gpa);
+            let in_hole = match next_data {
+                Some(d) if d.start.0 <= gpa => {
+                    n = usize::try_from(d.end.0 - gpa).map_or(n, |left| left.min(n));
+                    false
+                }
+                Some(d) => {
+                    n = usize::try_from(d.start.0 - gpa).map_or(n, |left| left.min(n));
+                    true
+                }
+                None => true,
+            };
             let chunk = buf.get_mut(..n).unwrap_or_default();
-            mem.read_phys(Gpa(gpa), chunk).map_err(DumpError::Source)?;
+            if in_hole {
+                chunk.fill(0);
+            } else {
+                mem.read_phys(Gpa(gpa), chunk).map_err(DumpError::Source)?;
+            }
             out.write_all(chunk)
                 .map_err(io_err(format!("guest memory at {gpa:#x}")))?;
             gpa = gpa.saturating_add(n as u64);

@@ -372,14 +372,21 @@ pub fn scan(mem: &dyn PhysicalMemory, options: &ScanOptions) -> ScanReport {
     report
 }
 
+/// RAM below `limit` that holds data: never-touched RAM reads as zeros (no VMCOREINFO there),
+/// and touching it through a shared mapping would make the host allocate it.
 fn clipped_ranges(mem: &dyn PhysicalMemory, limit: Option<u64>) -> Vec<(u64, u64)> {
     let limit = limit.unwrap_or(u64::MAX);
     mem.ranges()
         .iter()
         .filter_map(|r| {
             let end = r.end.0.min(limit);
-            (r.start.0 < end).then_some((r.start.0, end))
+            (r.start.0 < end).then_some(kvmaccess_core::PhysRange {
+                start: r.start,
+                end: Gpa(end),
+            })
         })
+        .flat_map(|r| mem.data_ranges(r))
+        .map(|r| (r.start.0, r.end.0))
         .collect()
 }
 

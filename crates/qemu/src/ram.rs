@@ -54,6 +54,52 @@ impl MappedFile {
         u64::try_from(self.ro.len()).unwrap_or(u64::MAX)
     }
 
+    /// The data extents of the file within `start..end`, by SEEK_DATA/SEEK_HOLE. A file system
+    /// that cannot answer gets the whole range back (a safe over-approximation).
+    fn data_extents(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
+            let from = libc::off_t::try_from(from).ok()?;
+            // SAFETY: lseek only reads the descriptor's state; `fd` belongs to `self.file`,
+            // which is open for as long as `self` lives. It moves the file offset, which
+            // nothing else uses: every read and write of this file is positional (pread/pwrite
+            // or the mapping).
+            let at = unsafe { libc::lseek(fd, from, whence) };
+            u64::try_from(at).ok()
+        };
+        let mut extents = Vec::new();
+        let mut at = start;
+        // Each round either ends or moves `at` forward by at least one byte past a hole, so the
+        // number of rounds is bounded by the number of extents, itself bounded by the file
+        // system; the explicit cap keeps a pathological file from costing unbounded syscalls.
+        for _ in 0..1_000_000 {
+            if at >= end {
+                return extents;
+            }
+            let Some(data) = seek(at, libc::SEEK_DATA) else {
+                // ENXIO: no data after `at`. Any other error: we cannot tell, so say "data".
+                let no_more = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                if !no_more {
+                    extents.push((at, end));
+                }
+                return extents;
+            };
+            if data >= end {
+                return extents;
+            }
+            let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            if hole <= data {
+                extents.push((data, end));
+                return extents;
+            }
+            extents.push((data, hole));
+            at = hole;
+        }
+        extents.push((at, end));
+        extents
+    }
+
     fn rw(&self) -> Result<&MmapRaw> {
         if !self.writable {
             return Err(Error::WriteNotAllowed);
@@ -191,6 +237,44 @@ impl GuestRam {
             (None, Some((pid, _))) => RamSource::ProcMem { pid: *pid },
             (None, None) => RamSource::ProcMem { pid: 0 },
         }
+    }
+
+    /// The parts of `within` that QEMU's RAM file has data for (SEEK_DATA/SEEK_HOLE); spans
+    /// read through /proc/PID/mem are returned whole.
+    pub(crate) fn data_ranges(&self, within: PhysRange) -> Vec<PhysRange> {
+        let mut out: Vec<PhysRange> = Vec::new();
+        for span in &self.spans {
+            let start = span.start.max(within.start.0);
+            let end = span.end.min(within.end.0);
+            if start >= end {
+                continue;
+            }
+            let pieces = match span.via {
+                Via::File { index, offset } => match self.files.get(index) {
+                    Some(file) => {
+                        // `start >= span.start`, so the offsets below cannot underflow.
+                        let file_start = offset.saturating_add(start - span.start);
+                        let file_end = offset.saturating_add(end - span.start);
+                        file.data_extents(file_start, file_end)
+                            .into_iter()
+                            .map(|(a, b)| (a - offset + span.start, b - offset + span.start))
+                            .collect()
+                    }
+                    None => vec![(start, end)],
+                },
+                Via::ProcMem { .. } => vec![(start, end)],
+            };
+            for (a, b) in pieces {
+                match out.last_mut() {
+                    Some(last) if last.end.0 == a => last.end = Gpa(b),
+                    _ => out.push(PhysRange {
+                        start: Gpa(a),
+                        end: Gpa(b),
+                    }),
+                }
+            }
+        }
+        out
     }
 
     #[inline]

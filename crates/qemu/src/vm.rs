@@ -308,6 +308,10 @@ impl PhysicalMemory for QemuVm {
     fn ranges(&self) -> &[PhysRange] {
         self.ram.ranges()
     }
+
+    fn data_ranges(&self, within: PhysRange) -> Vec<PhysRange> {
+        self.ram.data_ranges(within)
+    }
 }
 
 impl PhysicalMemoryWrite for QemuVm {

@@ -110,7 +110,10 @@ impl BootedGuest {
             .prefix("kva")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let mut args = vec!["boot", "--accel", "tcg", "--mem", "512M"];
+        let mut args = vec!["boot", "--accel", "tcg"];
+        if !extra.contains(&"--mem") {
+            args.extend_from_slice(&["--mem", "512M"]);
+        }
         args.extend_from_slice(extra);
         kvmaccess(run_root.path(), &args).ok();
         Self { run_root }
