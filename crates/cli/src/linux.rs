@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kvmaccess_linux::{DiscoverOptions, Kernel, SystemMap};
+use kvmaccess_linux::{DiscoverOptions, Kernel, KernelTypes, SystemMap, Vmlinux};
 use serde::Serialize;
 
 use crate::output::print_json;
@@ -19,6 +19,34 @@ pub struct ProfileArgs {
     /// without VMCOREINFO). KASLR is applied automatically.
     #[arg(long, global = true, value_name = "FILE")]
     pub system_map: Option<PathBuf>,
+
+    /// A vmlinux ELF of the guest's kernel: its symbol table stands in for a System.map and its
+    /// .BTF section for kernels whose memory image has no BTF.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub vmlinux: Option<PathBuf>,
+}
+
+impl ProfileArgs {
+    fn vmlinux(&self) -> Result<Option<Vmlinux>> {
+        self.vmlinux
+            .as_deref()
+            .map(|path| Vmlinux::open(path).map_err(anyhow::Error::from))
+            .transpose()
+    }
+}
+
+/// The kernel's types: its own BTF from guest memory, else the --vmlinux one.
+pub fn kernel_types(kernel: &Kernel<'_>, profile: &ProfileArgs) -> Result<KernelTypes> {
+    match kernel.load_types() {
+        Ok(types) => Ok(types),
+        Err(from_guest) => match profile.vmlinux()? {
+            Some(vmlinux) => vmlinux
+                .types()
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("the guest kernel has no usable BTF ({from_guest}), and")),
+            None => Err(from_guest.into()),
+        },
+    }
 }
 
 /// Discovers the kernel behind a target.
@@ -27,6 +55,11 @@ pub fn open_kernel<'t>(target: &'t Target, profile: &ProfileArgs) -> Result<Kern
         vmcoreinfo_text: target.vmcoreinfo_recorded(),
         ..DiscoverOptions::default()
     };
+    if let Some(vmlinux) = profile.vmlinux()? {
+        if !vmlinux.system_map.symbols.is_empty() {
+            options.system_map = Some(vmlinux.system_map);
+        }
+    }
     if let Some(path) = &profile.system_map {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the System.map {}", path.display()))?;
@@ -60,7 +93,7 @@ struct InfoReport<'a> {
 pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
     let target = Target::open(args, Access::ReadOnly)?;
     let kernel = open_kernel(&target, &args.profile)?;
-    let types = kernel.load_types();
+    let types = kernel_types(&kernel, &args.profile);
     let layout = kernel.layout();
     let report = InfoReport {
         release: kernel.release(),

@@ -77,6 +77,14 @@ pub enum Error {
         #[source]
         source: kvmaccess_btf::Error,
     },
+    /// A vmlinux file given by the user cannot be used.
+    #[error("vmlinux {path}: {reason}")]
+    Vmlinux {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The kernel's BTF has no type of this name.
     #[error("kernel types: no struct, union or typedef named {0}")]
     BtfMissingType(String),

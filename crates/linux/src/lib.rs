@@ -19,6 +19,7 @@ mod layout;
 mod symbols;
 mod sysmap;
 mod types;
+mod vmlinux;
 pub mod vmcoreinfo;
 
 use std::sync::{Mutex, MutexGuard};
@@ -36,6 +37,7 @@ pub use layout::{
 pub use symbols::{Symbol, SymbolTable};
 pub use sysmap::SystemMap;
 pub use types::{KernelTypes, MAX_BTF_BYTES};
+pub use vmlinux::Vmlinux;
 pub use vmcoreinfo::{ScanMode, ScanOptions, Vmcoreinfo};
 
 /// Most distinct VMCOREINFO copies that are fully validated (each costs a kallsyms decode).

@@ -23,6 +23,21 @@ pub struct KernelTypes {
 }
 
 impl KernelTypes {
+    /// Parses a BTF blob from elsewhere (a vmlinux's `.BTF` section); `origin` names it in
+    /// errors.
+    pub fn from_btf_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let started = Instant::now();
+        let btf = Btf::parse(bytes).map_err(|source| Error::Btf {
+            what: origin.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            btf,
+            bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+            elapsed: started.elapsed(),
+        })
+    }
+
     /// Byte offset of `path` (dotted, through anonymous members) in `type_name`, with an error
     /// naming both when the kernel lacks it.
     pub fn offset_of(&self, type_name: &str, path: &str) -> Result<u64> {
@@ -78,14 +93,11 @@ impl Kernel<'_> {
             )))?
         ];
         self.read(Gva(start), &mut blob)?;
-        let btf = Btf::parse(&blob).map_err(|source| Error::Btf {
-            what: format!("the kernel BTF at {start:#x} ({len} bytes)"),
-            source,
-        })?;
-        Ok(KernelTypes {
-            btf,
-            bytes: len,
-            elapsed: started.elapsed(),
-        })
+        let mut types = KernelTypes::from_btf_bytes(
+            &blob,
+            &format!("the kernel BTF at {start:#x} ({len} bytes)"),
+        )?;
+        types.elapsed = started.elapsed();
+        Ok(types)
     }
 }
