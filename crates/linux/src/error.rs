@@ -192,6 +192,13 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// The printk ring buffer cannot be read as a whole (individual bad records are skipped
+    /// and reported, not errors).
+    #[error("kernel log: {0}")]
+    LogBuffer(String),
+    /// A system-call table cannot be located or read.
+    #[error("system-call table: {0}")]
+    SyscallTable(String),
 }
 
 fn rejected_summary(rejected: &[String]) -> String {

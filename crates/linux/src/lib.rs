@@ -13,10 +13,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dmesg;
 mod error;
 pub mod kallsyms;
 mod layout;
 mod symbols;
+pub mod syscalls;
 mod sysmap;
 mod types;
 mod vmlinux;
@@ -29,12 +31,14 @@ use kvmaccess_core::{Gpa, Gva, PhysicalMemory, VcpuState};
 use kvmaccess_x86::AddressSpace;
 use serde::Serialize;
 
+pub use dmesg::{LogBuffer, LogRecord, PrintkLayout};
 pub use error::{Error, Result};
 pub use kallsyms::{DecodeOptions, KallsymsLocation, KernelRead, OffsetRule};
 pub use layout::{
     read_banner, Banner, KernelLayout, RegisterFallback, DEFAULT_TEXT, START_KERNEL_MAP,
 };
 pub use symbols::{Symbol, SymbolTable};
+pub use syscalls::{SyscallEntry, SyscallResolver, SyscallTable, SyscallTables};
 pub use sysmap::SystemMap;
 pub use types::{KernelTypes, MAX_BTF_BYTES};
 pub use vmlinux::Vmlinux;
