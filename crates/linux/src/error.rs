@@ -192,6 +192,88 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A kernel list that revisits an entry without coming back to its head: corrupt memory,
+    /// a torn read of a running guest, or a hostile guest.
+    #[error("{list}: entry {at:#x} is visited twice after {walked} entries, without returning to the head {head:#x}")]
+    ListCycle {
+        /// Which list (`init_task.tasks`, `modules`, ...).
+        list: String,
+        /// The list head.
+        head: u64,
+        /// An entry on the cycle.
+        at: u64,
+        /// Entries walked when the cycle was noticed.
+        walked: usize,
+    },
+    /// A kernel list longer than any real kernel's.
+    #[error("{list}: more than {limit} entries after head {head:#x}")]
+    ListTooLong {
+        /// Which list.
+        list: String,
+        /// The list head.
+        head: u64,
+        /// The bound.
+        limit: usize,
+    },
+    /// A kernel list with a link no kernel writes (NULL inside a circular list).
+    #[error("{list}: entry {walked} at {at:#x} links to {next:#x}: {reason}")]
+    ListBroken {
+        /// Which list.
+        list: String,
+        /// The entry holding the bad link (the head when `walked` is 0).
+        at: u64,
+        /// The bad link.
+        next: u64,
+        /// Entries walked before it.
+        walked: usize,
+        /// Why the link is bad.
+        reason: &'static str,
+    },
+    /// A radix tree / XArray whose nodes contradict each other.
+    #[error("{what}: {reason}")]
+    TreeCorrupt {
+        /// Which tree.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No task with this PID on the task list.
+    #[error("no task with PID {pid}")]
+    NoSuchTask {
+        /// The PID.
+        pid: i32,
+    },
+    /// A task without user memory (a kernel thread, or an exiting task).
+    #[error("PID {pid} ({comm}) has no user address space: {reason}")]
+    NoUserMemory {
+        /// The PID.
+        pid: i32,
+        /// Its command name.
+        comm: String,
+        /// Why.
+        reason: String,
+    },
+    /// Reading a process's user memory failed.
+    #[error("reading {len} bytes of PID {pid} user memory at {gva}: {source}")]
+    User {
+        /// The PID.
+        pid: i32,
+        /// Where.
+        gva: Gva,
+        /// How much.
+        len: usize,
+        /// The walker's error.
+        #[source]
+        source: kvmaccess_x86::Error,
+    },
+    /// A module's symbol table that cannot be decoded.
+    #[error("symbols of module {module}: {reason}")]
+    ModuleSymbols {
+        /// The module.
+        module: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The printk ring buffer cannot be read as a whole (individual bad records are skipped
     /// and reported, not errors).
     #[error("kernel log: {0}")]

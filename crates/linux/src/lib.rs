@@ -17,9 +17,12 @@ pub mod dmesg;
 mod error;
 pub mod kallsyms;
 mod layout;
+pub mod modules;
+pub mod owners;
 mod symbols;
 pub mod syscalls;
 mod sysmap;
+pub mod tasks;
 mod types;
 mod vmlinux;
 pub mod vmcoreinfo;
@@ -37,9 +40,14 @@ pub use kallsyms::{DecodeOptions, KallsymsLocation, KernelRead, OffsetRule};
 pub use layout::{
     read_banner, Banner, KernelLayout, RegisterFallback, DEFAULT_TEXT, START_KERNEL_MAP,
 };
+pub use modules::{
+    Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind, ModuleSymbolsMerged,
+};
+pub use owners::{KernelSection, Owner, Owners};
 pub use symbols::{Symbol, SymbolTable};
 pub use syscalls::{SyscallEntry, SyscallResolver, SyscallTable, SyscallTables};
 pub use sysmap::SystemMap;
+pub use tasks::{walk_hlist, walk_list, Task, TaskOffsets, TaskState, MAX_TASKS};
 pub use types::{KernelTypes, MAX_BTF_BYTES};
 pub use vmlinux::Vmlinux;
 pub use vmcoreinfo::{ScanMode, ScanOptions, Vmcoreinfo};
