@@ -14,7 +14,7 @@ ACCEL ?= auto
 FUZZ_SECONDS ?= 15
 
 .PHONY: all build release test unit lint deny guest deps host-packages cargo-tools demo bench \
-        fuzz-smoke clean clean-guest
+        fuzz-smoke clean clean-guest volatility
 
 all: build
 
@@ -39,6 +39,11 @@ deps: host-packages cargo-tools
 guest: host-packages
 	@guest/build-guest.sh $(GUEST_DIR)
 
+# Volatility 3 from PyPI in a private venv: the real-guest tests use it as an oracle for the
+# exported ISF.
+volatility:
+	@scripts/volatility.sh $(CACHE)/volatility
+
 build:
 	$(CARGO) build --workspace
 
@@ -56,7 +61,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 # Real-guest tests boot QEMU; they fail (never skip) when the guest is missing, so `guest` runs first.
-test: deps guest lint deny
+test: deps guest volatility lint deny
 	$(CARGO) test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
 

@@ -192,6 +192,13 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// The printk ring buffer cannot be read as a whole (individual bad records are skipped
+    /// and reported, not errors).
+    #[error("kernel log: {0}")]
+    LogBuffer(String),
+    /// A system-call table cannot be located or read.
+    #[error("system-call table: {0}")]
+    SyscallTable(String),
     /// A kernel list that revisits an entry without coming back to its head: corrupt memory,
     /// a torn read of a running guest, or a hostile guest.
     #[error("{list}: entry {at:#x} is visited twice after {walked} entries, without returning to the head {head:#x}")]
@@ -274,13 +281,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// The printk ring buffer cannot be read as a whole (individual bad records are skipped
-    /// and reported, not errors).
-    #[error("kernel log: {0}")]
-    LogBuffer(String),
-    /// A system-call table cannot be located or read.
-    #[error("system-call table: {0}")]
-    SyscallTable(String),
+    /// A Volatility symbol table (ISF) could not be built consistently.
+    #[error("ISF export: {0}")]
+    Isf(String),
+    /// Writing an exported profile failed.
+    #[error("writing the exported profile to {path}: {reason}")]
+    Export {
+        /// The destination.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 fn rejected_summary(rejected: &[String]) -> String {

@@ -15,17 +15,19 @@
 
 pub mod dmesg;
 mod error;
+pub mod isf;
 pub mod kallsyms;
 mod layout;
 pub mod modules;
 pub mod owners;
+pub mod profile_export;
 mod symbols;
 pub mod syscalls;
 mod sysmap;
 pub mod tasks;
 mod types;
-mod vmlinux;
 pub mod vmcoreinfo;
+mod vmlinux;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +38,7 @@ use serde::Serialize;
 
 pub use dmesg::{LogBuffer, LogRecord, PrintkLayout};
 pub use error::{Error, Result};
+pub use isf::{build_isf, Isf, IsfInput, IsfStats};
 pub use kallsyms::{DecodeOptions, KallsymsLocation, KernelRead, OffsetRule};
 pub use layout::{
     read_banner, Banner, KernelLayout, RegisterFallback, DEFAULT_TEXT, START_KERNEL_MAP,
@@ -44,13 +47,14 @@ pub use modules::{
     Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind, ModuleSymbolsMerged,
 };
 pub use owners::{KernelSection, Owner, Owners};
+pub use profile_export::{ProfileExport, ProfileOptions, TypeSelection};
 pub use symbols::{Symbol, SymbolTable};
 pub use syscalls::{SyscallEntry, SyscallResolver, SyscallTable, SyscallTables};
 pub use sysmap::SystemMap;
 pub use tasks::{walk_hlist, walk_list, Task, TaskOffsets, TaskState, MAX_TASKS};
 pub use types::{KernelTypes, MAX_BTF_BYTES};
-pub use vmlinux::Vmlinux;
 pub use vmcoreinfo::{ScanMode, ScanOptions, Vmcoreinfo};
+pub use vmlinux::Vmlinux;
 
 /// Most distinct VMCOREINFO copies that are fully validated (each costs a kallsyms decode).
 const MAX_VALIDATED: usize = 8;
