@@ -1,0 +1,50 @@
+//! The checks.
+
+pub(crate) mod cr;
+pub(crate) mod gdt;
+pub(crate) mod idt;
+pub(crate) mod syscalls;
+pub(crate) mod text;
+
+pub use cr::CrCheck;
+pub use gdt::GdtCheck;
+pub use idt::IdtCheck;
+pub use syscalls::SyscallCheck;
+pub use text::TextCheck;
+
+use kvmaccess_core::Registers;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// Start of the cpu_entry_area on x86-64 (`CPU_ENTRY_AREA_BASE`, the same with 4- and 5-level
+/// paging): fixed, not moved by KASLR.
+pub const CPU_ENTRY_AREA_BASE: u64 = 0xffff_fe00_0000_0000;
+/// The read-only alias of `idt_table` the IDTR holds on x86-64 (`CPU_ENTRY_AREA_RO_IDT`).
+pub const CEA_RO_IDT: u64 = CPU_ENTRY_AREA_BASE;
+
+/// Whether a vCPU runs in long mode (EFER.LMA, or the CS L bit when EFER is unknown).
+pub(crate) fn long_mode(regs: &Registers) -> bool {
+    regs.efer
+        .map_or(regs.cs.long_mode(), |efer| efer & (1 << 10) != 0)
+}
+
+/// Decode a check's captured state.
+pub(crate) fn state<T: DeserializeOwned>(id: &str, value: &serde_json::Value) -> Result<T> {
+    serde_json::from_value(value.clone())
+        .map_err(|e| Error::json(format!("the baseline state of check {id}"), e))
+}
+
+/// Encode a check's state.
+pub(crate) fn to_value<T: serde::Serialize>(id: &str, state: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(state).map_err(|e| Error::json(format!("state of check {id}"), e))
+}
+
+/// Lowercase hex of bytes, space separated.
+pub(crate) fn hex_bytes(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
