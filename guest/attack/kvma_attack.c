@@ -222,6 +222,7 @@ static int do_syscall(void)
 static void undo_syscall(void)
 {
 	ro_write(&sct[__NR_getppid], &sct_orig, sizeof(sct_orig));
+	synchronize_rcu(); /* let a CPU still in the wrapper leave it before the module goes */
 	pr_info("syscall undone: sys_call_table[%d]=%px (%pS)\n", __NR_getppid, sct[__NR_getppid],
 		sct[__NR_getppid]);
 }
@@ -278,6 +279,7 @@ static int do_inline(void)
 static void undo_inline(void)
 {
 	ro_write(inline_at, inline_orig, sizeof(inline_orig));
+	synchronize_rcu(); /* let a CPU still in the replacement leave it before the module goes */
 	pr_info("inline undone: %s at %px bytes=%5phN\n", INLINE_TARGET, inline_at, inline_at);
 }
 

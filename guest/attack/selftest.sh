@@ -2,7 +2,8 @@
 # Guest-side self-test of the TEST-ONLY kvma_attack module (installed in the test guest as
 # /usr/bin/kvma-selftest, the module as /lib/modules/kvma_attack.ko).
 #
-#   kvma-selftest CASE...   CASE: clean syscall inline idt gdt wp smep ftrace hide hideproc all
+#   kvma-selftest CASE...   CASE: clean syscall inline idt gdt wp smep ftrace hide hideproc
+#                                 hideexit all
 #   kvma-selftest           every case in turn
 #
 # Each case loads the module with one attack, checks from inside the guest that the attack
@@ -217,6 +218,20 @@ t_hideproc() {
     wait "$hidden" "$control" 2>/dev/null || true
 }
 
+# A process that exits (and is reaped) while unlinked: the kernel's own unlink must be harmless
+# and rmmod must not relink a dead task.
+t_hideexit() {
+    sleep 2 &
+    pid=$!
+    load hideproc="$pid"
+    expect_log "kvma_attack: hideproc done: pid=$pid "
+    wait "$pid" || fail "the hidden process did not exit cleanly"
+    [ ! -e "/proc/$pid" ] || fail "/proc/$pid still exists after the process was reaped"
+    sane
+    unload
+    expect_log "kvma_attack: hideproc undone: pid=$pid .* had exited"
+}
+
 # Everything at once, then everything undone.
 t_all() {
     start_victim all
@@ -242,7 +257,7 @@ t_all() {
 run_case() {
     case_name=$1
     case "$1" in
-        clean | syscall | inline | idt | gdt | wp | smep | ftrace | hide | hideproc | all) ;;
+        clean | syscall | inline | idt | gdt | wp | smep | ftrace | hide | hideproc | hideexit | all) ;;
         *) echo "unknown case $1" >&2; exit 2 ;;
     esac
     [ -f "$KO" ] || fail "$KO missing (run \`make guest\`)"
@@ -254,7 +269,7 @@ run_case() {
 }
 
 if [ $# -eq 0 ]; then
-    set -- clean syscall inline idt gdt wp smep ftrace hide hideproc all
+    set -- clean syscall inline idt gdt wp smep ftrace hide hideproc hideexit all
 fi
 for c in "$@"; do
     # Each case in a subshell so that one failure still reports cleanly.

@@ -273,6 +273,9 @@ fn every_attack_in_turn_on_a_two_vcpu_guest() {
         "{line}"
     );
 
+    let out = g.case("hideexit");
+    assert!(out.contains("had exited, nothing to relink"), "{out}");
+
     let out = g.case("all");
     for a in [
         "syscall", "inline", "idt", "gdt", "wp", "smep", "ftrace", "hideproc", "hide",
