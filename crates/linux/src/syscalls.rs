@@ -52,6 +52,14 @@ pub enum Abi {
 }
 
 impl Abi {
+    fn index(self) -> usize {
+        match self {
+            Abi::X64 => 0,
+            Abi::Ia32 => 1,
+            Abi::X32 => 2,
+        }
+    }
+
     /// The kernel symbol of the table.
     pub fn table_symbol(self) -> &'static str {
         match self {
@@ -208,7 +216,43 @@ pub struct CodeBlock {
 struct Wrapper {
     /// Every wrapper alias at the address.
     names: Vec<Arc<str>>,
+    /// What the wrapper means in each ABI's table ([`Abi::index`]), worked out once so that
+    /// reading a table allocates nothing per entry.
+    by_abi: [Option<WrapperRole>; 3],
 }
+
+/// A wrapper as an entry of one ABI's table.
+#[derive(Debug)]
+struct WrapperRole {
+    /// The first alias that is a wrapper of the ABI.
+    symbol: Arc<str>,
+    /// The system-call names its aliases stand for (usually one).
+    calls: Vec<Arc<str>>,
+    /// The not-implemented stub.
+    unused: bool,
+}
+
+/// A hasher for kernel addresses: keys are distinct 64-bit values chosen by the kernel's
+/// linker, not by an attacker who could aim at collisions in a table of a few hundred entries,
+/// and SipHash would cost more than the rest of an entry's work.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type AddressMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<AddressHasher>>;
 
 /// A table found in the kernel.
 #[derive(Debug)]
@@ -227,7 +271,7 @@ struct TablePlan {
 #[derive(Debug)]
 pub struct SyscallResolver {
     tables: Vec<TablePlan>,
-    wrappers: HashMap<u64, Wrapper>,
+    wrappers: AddressMap<Wrapper>,
     text: Option<(u64, u64)>,
     notes: Vec<String>,
 }
@@ -289,7 +333,7 @@ impl SyscallResolver {
         let in_text = |a: u64| text.map_or(true, |(s, e)| (s..e).contains(&a));
 
         // Weak ('W') wrappers are the stubs COND_SYSCALL leaves for calls configured out.
-        let mut wrappers: HashMap<u64, Wrapper> = HashMap::new();
+        let mut wrappers: AddressMap<Wrapper> = AddressMap::default();
         for s in kernel.symbols() {
             if s.module.is_some()
                 || !matches!(s.kind, 'T' | 't' | 'W' | 'w')
@@ -302,7 +346,28 @@ impl SyscallResolver {
             wrappers
                 .entry(s.address)
                 .and_modify(|w| w.names.push(name.clone()))
-                .or_insert_with(|| Wrapper { names: vec![name] });
+                .or_insert_with(|| Wrapper {
+                    names: vec![name],
+                    by_abi: [None, None, None],
+                });
+        }
+
+        for wrapper in wrappers.values_mut() {
+            for abi in [Abi::X64, Abi::Ia32, Abi::X32] {
+                let mut role: Option<WrapperRole> = None;
+                for name in &wrapper.names {
+                    let Some(call) = wrapper_name(abi, name) else {
+                        continue;
+                    };
+                    let role = role.get_or_insert_with(|| WrapperRole {
+                        symbol: name.clone(),
+                        calls: Vec::new(),
+                        unused: call == "ni_syscall",
+                    });
+                    role.calls.push(Arc::from(call));
+                }
+                wrapper.by_abi[abi.index()] = role;
+            }
         }
 
         let mut tables = Vec::new();
@@ -427,40 +492,31 @@ impl SyscallResolver {
         address: u64,
         canonical: Option<Arc<str>>,
     ) -> SyscallEntry {
-        if let Some(wrapper) = self.wrappers.get(&address) {
-            // The name this entry's target stands for under the table's ABI, from any alias.
-            let derived = wrapper
-                .names
-                .iter()
-                .find_map(|n| wrapper_name(abi, n).map(|d| (n, d)));
-            if let Some((symbol, derived)) = derived {
-                let unused = derived == "ni_syscall";
-                let matches = match &canonical {
-                    None => true,
-                    Some(c) => {
-                        !unused
-                            && wrapper
-                                .names
-                                .iter()
-                                .any(|n| wrapper_name(abi, n) == Some(&**c))
-                    }
-                };
-                let (name, name_source) = match canonical {
-                    Some(c) => (Some(c), NameSource::Metadata),
-                    None if unused => (None, NameSource::Symbol),
-                    None => (Some(Arc::from(derived)), NameSource::Symbol),
-                };
-                return SyscallEntry {
-                    number,
-                    name,
-                    name_source,
-                    address,
-                    target: Some(symbol.clone()),
-                    owner: Owner::KernelText,
-                    unused,
-                    expected: matches,
-                };
-            }
+        let role = self
+            .wrappers
+            .get(&address)
+            .and_then(|w| w.by_abi[abi.index()].as_ref());
+        if let Some(role) = role {
+            let unused = role.unused;
+            let matches = match &canonical {
+                None => true,
+                Some(c) => !unused && role.calls.iter().any(|n| **n == **c),
+            };
+            let (name, name_source) = match canonical {
+                Some(c) => (Some(c), NameSource::Metadata),
+                None if unused => (None, NameSource::Symbol),
+                None => (role.calls.first().cloned(), NameSource::Symbol),
+            };
+            return SyscallEntry {
+                number,
+                name,
+                name_source,
+                address,
+                target: Some(role.symbol.clone()),
+                owner: Owner::KernelText,
+                unused,
+                expected: matches,
+            };
         }
         // Anything else, including a wrapper of another ABI: resolved the slow way.
         let symbol = kernel.symbols().addr2sym(address);

@@ -165,8 +165,12 @@ fn dmesg_and_syscall_tables_match_the_guest() {
         resolver.read(&kernel).unwrap();
     });
     eprintln!(
-        "syscalls: resolver set-up {setup:?}, read+decode of all tables {read:?} (debug build \
-         unless --release)"
+        "syscalls: resolver set-up {setup:?}, read+decode of all tables {read:?} ({} build)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     eprintln!("syscalls: notes {:?}", tables.notes);
     let x64 = &tables.x64;
