@@ -251,8 +251,11 @@ fn serialize_constants<S: Serializer>(
     }))
 }
 
+/// Reads kernel virtual memory at a live address; `false` if it cannot.
+pub type ReadKernel<'a> = &'a dyn Fn(u64, &mut [u8]) -> bool;
+
 /// What a build needs besides the BTF.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct IsfInput<'a> {
     /// Kernel symbols with live (relocated) addresses; module symbols are ignored.
     pub symbols: &'a SymbolTable,
@@ -262,6 +265,21 @@ pub struct IsfInput<'a> {
     pub banner: Option<&'a [u8]>,
     /// Kernel release, for the metadata.
     pub release: &'a str,
+    /// Guest memory, to trim the zero padding after arrays whose length is inferred from the
+    /// next symbol (`taint_flags`, the system-call tables); without it they keep the padding.
+    pub memory: Option<ReadKernel<'a>>,
+}
+
+impl std::fmt::Debug for IsfInput<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsfInput")
+            .field("symbols", &self.symbols.len())
+            .field("kaslr_offset", &self.kaslr_offset)
+            .field("banner", &self.banner.map(<[u8]>::len))
+            .field("release", &self.release)
+            .field("memory", &self.memory.is_some())
+            .finish()
+    }
 }
 
 impl Kernel<'_> {
@@ -269,6 +287,7 @@ impl Kernel<'_> {
     /// at its link-time address, and `linux_banner`'s bytes read from guest memory.
     pub fn export_isf(&self, types: &KernelTypes) -> Result<Isf> {
         let banner = self.linux_banner_bytes()?;
+        let read = |address: u64, buf: &mut [u8]| self.read(Gva(address), buf).is_ok();
         build_isf(
             &types.btf,
             &IsfInput {
@@ -276,6 +295,7 @@ impl Kernel<'_> {
                 kaslr_offset: self.layout().kaslr_offset,
                 banner: Some(&banner),
                 release: self.release(),
+                memory: Some(&read),
             },
         )
     }
@@ -520,6 +540,7 @@ const WELL_KNOWN: &[(&str, Spec)] = &[
     ("ftrace_ops_list", Spec::Ptr(&Spec::Struct("ftrace_ops"))),
     ("ftrace_list_end", Spec::Struct("ftrace_ops")),
     ("idt_table", Spec::Array(&Spec::Struct("gate_struct"), 256)),
+    ("taint_flags", Spec::Array(&Spec::Struct("taint_flag"), 0)),
     (
         "__per_cpu_offset",
         Spec::Array(&Spec::Base("long unsigned int"), 0),
@@ -537,6 +558,18 @@ const WELL_KNOWN: &[(&str, Spec)] = &[
         Spec::Array(&Spec::Ptr(&Spec::Function), 0),
     ),
 ];
+
+/// Arrays of [`WELL_KNOWN`] whose length from the symbol gap includes alignment padding, and
+/// whose real elements are never all zero: the trailing zero elements are dropped.
+const TRIM_ZERO_TAIL: &[&str] = &[
+    "taint_flags",
+    "sys_call_table",
+    "ia32_sys_call_table",
+    "x32_sys_call_table",
+];
+
+/// Most bytes read to trim one array.
+const MAX_TRIM_READ: u64 = 1 << 20;
 
 struct Builder<'b> {
     btf: &'b Btf,
@@ -972,7 +1005,13 @@ impl<'b> Builder<'b> {
                 .get(starts.partition_point(|&a| a <= sym.address))
                 .copied();
             let gap = next.map(|n| n - sym.address);
-            if let Some(desc) = self.spec_desc(spec, gap) {
+            if let Some(mut desc) = self.spec_desc(spec, gap) {
+                if let (Some(read), Spec::Array(element, 0)) = (input.memory, spec) {
+                    if TRIM_ZERO_TAIL.contains(name) {
+                        let live = sym.address.wrapping_add(input.kaslr_offset);
+                        self.trim_zero_tail(&mut desc, element, live, read);
+                    }
+                }
                 typed.push(((*name).to_string(), desc));
             }
         }
@@ -1032,6 +1071,34 @@ impl<'b> Builder<'b> {
             }
             Spec::Function => TypeDesc::Function,
         })
+    }
+
+    fn trim_zero_tail(&self, desc: &mut TypeDesc, element: &Spec, live: u64, read: ReadKernel<'_>) {
+        let TypeDesc::Array { count, .. } = desc else {
+            return;
+        };
+        let Some(size) = self.spec_size(element) else {
+            return;
+        };
+        let Some(total) = size
+            .checked_mul(u64::from(*count))
+            .filter(|&t| t <= MAX_TRIM_READ)
+            .and_then(|t| usize::try_from(t).ok())
+        else {
+            return;
+        };
+        let mut raw = vec![0u8; total];
+        if !read(live, &mut raw) {
+            return;
+        }
+        let Ok(step) = usize::try_from(size) else {
+            return;
+        };
+        let used = raw
+            .chunks(step)
+            .rposition(|e| e.iter().any(|&b| b != 0))
+            .map_or(0, |last| last + 1);
+        *count = u32::try_from(used).unwrap_or(*count).max(1);
     }
 
     fn spec_size(&self, spec: &Spec) -> Option<u64> {

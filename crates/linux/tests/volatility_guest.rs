@@ -84,6 +84,23 @@ struct VolRun {
 }
 
 fn run_pslist(vol: &Path, core: &Path, symbols: &Path, cache: &Path) -> VolRun {
+    let (elapsed, json, stderr) = run_plugin(vol, core, symbols, cache, "linux.pslist");
+    let mut procs = BTreeSet::new();
+    parse_pslist(&json, &mut procs);
+    VolRun {
+        elapsed,
+        procs,
+        stderr,
+    }
+}
+
+fn run_plugin(
+    vol: &Path,
+    core: &Path,
+    symbols: &Path,
+    cache: &Path,
+    plugin: &str,
+) -> (Duration, Value, String) {
     let started = Instant::now();
     let out = Command::new(vol)
         .arg("-q")
@@ -94,7 +111,7 @@ fn run_pslist(vol: &Path, core: &Path, symbols: &Path, cache: &Path) -> VolRun {
         .arg(symbols)
         .arg("-f")
         .arg(core)
-        .args(["-r", "json", "linux.pslist"])
+        .args(["-r", "json", plugin])
         .output()
         .unwrap();
     let elapsed = started.elapsed();
@@ -102,7 +119,7 @@ fn run_pslist(vol: &Path, core: &Path, symbols: &Path, cache: &Path) -> VolRun {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
-        "vol linux.pslist failed ({}):\nstdout: {}\nstderr: {stderr}",
+        "vol {plugin} failed ({}):\nstdout: {}\nstderr: {stderr}",
         out.status,
         stdout.chars().take(4000).collect::<String>()
     );
@@ -112,13 +129,7 @@ fn run_pslist(vol: &Path, core: &Path, symbols: &Path, cache: &Path) -> VolRun {
             stdout.chars().take(4000).collect::<String>()
         )
     });
-    let mut procs = BTreeSet::new();
-    parse_pslist(&json, &mut procs);
-    VolRun {
-        elapsed,
-        procs,
-        stderr,
-    }
+    (elapsed, json, stderr)
 }
 
 #[test]
@@ -183,6 +194,8 @@ fn volatility_reads_the_exported_isf_and_lists_the_same_tasks() {
         .collect();
     let work = tempfile::tempdir().unwrap();
     let core = work.path().join("guest.core");
+    // For trying further Volatility plugins by hand on the same dump and ISF.
+    let keep = std::env::var_os("KVMACCESS_VOL_KEEP").is_some();
     let started = Instant::now();
     kvmaccess_dump::write_elf_core_to_path(
         &core,
@@ -336,4 +349,16 @@ fn volatility_reads_the_exported_isf_and_lists_the_same_tasks() {
         theirs.len(),
         markers
     );
+    // Plugins that read typed globals beyond init_task: the module list (with taint_flags)
+    // and the system-call table.
+    for plugin in ["linux.lsmod", "linux.check_syscall"] {
+        let (elapsed, json, stderr) = run_plugin(&vol, &core, &symbols_dir, &cache, plugin);
+        let rows = json.as_array().map_or(0, Vec::len);
+        eprintln!("vol {plugin}: {rows} rows in {elapsed:?}");
+        assert!(rows > 0, "{plugin} printed nothing: {stderr}");
+        assert!(!stderr.to_lowercase().contains("traceback"), "{stderr}");
+    }
+    if keep {
+        eprintln!("kept the dump and ISF in {}", work.keep().display());
+    }
 }

@@ -93,6 +93,8 @@ fn symbols() -> SymbolTable {
         Symbol::new("__per_cpu_offset", live(0xffff_ffff_8300_0000), 'D'),
         Symbol::new("after_offsets", live(0xffff_ffff_8300_0040), 'D'),
         Symbol::new("current_task", 0x1fb80, 'A'),
+        Symbol::new("sys_call_table", live(0xffff_ffff_8200_0360), 'D'),
+        Symbol::new("vdso_mapping", live(0xffff_ffff_8200_0400), 'D'),
         module_sym,
     ])
 }
@@ -100,6 +102,18 @@ fn symbols() -> SymbolTable {
 fn build() -> Isf {
     let btf = kernel_btf();
     let table = symbols();
+    // sys_call_table: three entries, then zero padding up to the next symbol.
+    let table_at = 0xffff_ffff_8200_0360 + KASLR;
+    let memory = |address: u64, buf: &mut [u8]| {
+        buf.fill(0);
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            let at = address + 8 * i as u64;
+            if (table_at..table_at + 24).contains(&at) {
+                chunk.copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
+            }
+        }
+        true
+    };
     build_isf(
         &btf,
         &IsfInput {
@@ -107,6 +121,7 @@ fn build() -> Isf {
             kaslr_offset: KASLR,
             banner: Some(BANNER),
             release: "6.1.0-test",
+            memory: Some(&memory),
         },
     )
     .unwrap()
@@ -327,7 +342,7 @@ fn symbol_addresses_are_unrelocated() {
     // The global wins over a static of the same name.
     assert_eq!(sym("dup"), 0xffff_ffff_8100_2000);
     // Module symbols are not the kernel's.
-    assert_eq!(isf.stats.symbols, 8);
+    assert_eq!(isf.stats.symbols, 10);
 }
 
 #[test]
@@ -354,6 +369,12 @@ fn symbol_types_banner_and_well_known_globals() {
     );
     // Length from the distance to the next symbol: 0x40 bytes of 8-byte entries.
     assert_eq!(doc["symbols"]["__per_cpu_offset"]["type"]["count"], 8);
+    // Inferred from the gap (0xa0 bytes = 20 pointers), then the zero tail trimmed.
+    assert_eq!(
+        doc["symbols"]["sys_call_table"]["type"],
+        serde_json::json!({"kind": "array", "count": 3,
+            "subtype": {"kind": "pointer", "subtype": {"kind": "function"}}})
+    );
     // No type where BTF lacks it (no gate_struct here) or nothing is declared.
     assert!(doc["symbols"]["_text"].get("type").is_none());
 }
@@ -398,6 +419,7 @@ fn hostile_btf_gives_a_complete_document() {
             kaslr_offset: 0,
             banner: None,
             release: "x",
+            memory: None,
         },
     )
     .unwrap();
