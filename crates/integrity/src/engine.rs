@@ -157,9 +157,9 @@ pub const CHECKS: &[CheckInfo] = &[
 
 fn build(id: &str) -> Option<Box<dyn Check>> {
     Some(match id {
-        "cr" => Box::new(CrCheck),
-        "gdt" => Box::new(GdtCheck),
-        "idt" => Box::new(IdtCheck),
+        "cr" => Box::new(CrCheck::default()),
+        "gdt" => Box::new(GdtCheck::default()),
+        "idt" => Box::new(IdtCheck::default()),
         "syscalls" => Box::new(SyscallCheck::default()),
         "text" => Box::new(TextCheck::default()),
         _ => return None,
@@ -209,6 +209,17 @@ impl CheckSet {
         set.checks
             .retain(|c| !ids.iter().any(|i| i.as_ref() == c.id()));
         Ok(set)
+    }
+
+    /// Bound the text check to `bytes` per pass, round-robin (for a monitor running every
+    /// second: full coverage every `ceil(total / bytes)` passes at a fraction of the cost).
+    pub fn with_text_budget(mut self, bytes: u64) -> Self {
+        for check in &mut self.checks {
+            if check.id() == "text" {
+                *check = Box::new(TextCheck::with_budget(bytes));
+            }
+        }
+        self
     }
 
     /// Add a check of your own (a module-list check from another crate, say).

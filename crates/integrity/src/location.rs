@@ -139,6 +139,25 @@ pub struct ModuleSpan {
     pub base: u64,
 }
 
+impl ModuleSpan {
+    /// One span per memory region of each module on the module list
+    /// (`Kernel::modules`), module-relative offsets counting from the module's base.
+    pub fn from_modules(modules: &[kvmaccess_linux::Module]) -> Vec<ModuleSpan> {
+        modules
+            .iter()
+            .flat_map(|m| {
+                m.regions.iter().map(|r| ModuleSpan {
+                    name: m.name.clone(),
+                    start: r.base,
+                    end: r.base.saturating_add(r.size),
+                    text: r.kind.is_text(),
+                    base: m.base,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Who owns an address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]

@@ -262,6 +262,41 @@ fn change(map: &AddressMap<'_>, old: Option<Insn>, new: Option<Insn>) -> String 
     format!("{} -> {}", describe_insn(map, old), describe_insn(map, new))
 }
 
+/// Cut a changed range at every patch site that starts inside it: adjacent sites (runs of
+/// 2-byte jump labels are common) change together and form one contiguous range.
+pub fn split_at_sites(sites: &Sites, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut cuts: Vec<u64> = Vec::new();
+    let inside = |a: u64| a > start && a < end;
+    let from = |sorted: &[u64]| -> Vec<u64> {
+        let i = sorted.partition_point(|&s| s <= start);
+        sorted[i..]
+            .iter()
+            .copied()
+            .take_while(|&s| s < end)
+            .collect()
+    };
+    let j = sites.jump_labels.partition_point(|&(s, _)| s <= start);
+    cuts.extend(
+        sites.jump_labels[j..]
+            .iter()
+            .map(|&(s, _)| s)
+            .take_while(|&s| s < end),
+    );
+    cuts.extend(from(&sites.static_calls));
+    cuts.extend(from(&sites.ftrace_records));
+    cuts.retain(|&c| inside(c));
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut a = start;
+    for c in cuts {
+        out.push((a, c));
+        a = c;
+    }
+    out.push((a, end));
+    out
+}
+
 /// Classify the changed bytes `start..end` (absolute addresses inside `window`).
 pub fn classify(
     sites: &Sites,
@@ -283,11 +318,20 @@ pub fn classify(
                 None => Severity::High,
             }
         };
+        // A 2-byte jump-label site is followed by other code (often another site): claim
+        // only the bytes the instructions occupy.
+        let span = new
+            .map(|i| i.len())
+            .into_iter()
+            .chain(old.map(|i| i.len()))
+            .max()
+            .unwrap_or(len)
+            .min(len);
         Verdict {
             class: if fine { class } else { "inline-hook" },
             severity,
             site,
-            len,
+            len: span,
             insn: new,
             detail: if fine {
                 change(map, old, new)

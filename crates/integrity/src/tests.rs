@@ -628,3 +628,25 @@ fn control_register_policy() {
         .iter()
         .all(|f| f.class == "policy" && f.severity == Severity::Critical));
 }
+
+#[test]
+fn a_text_budget_covers_everything_in_turn() {
+    let g = Guest::new(0x0400_0000);
+    let kernel = g.kernel("b");
+    let checks = CheckSet::from_ids(&["text"])
+        .unwrap()
+        .with_text_budget(64 << 10);
+    let baseline = capture_baseline(&pass(&kernel, &g), &checks).unwrap();
+    let t = g.text();
+    g.poke(0x8_0000, &jmp(t + 0x8_0000, MODULE_BASE, 0xe9));
+    // 1 MiB of text and 64 KiB of rodata at 64 KiB per pass: 17 passes cover it all.
+    let hits: usize = (0..17)
+        .map(|_| {
+            run_checks(&pass(&kernel, &g), &baseline, &checks)
+                .unwrap()
+                .alarms()
+                .count()
+        })
+        .sum();
+    assert_eq!(hits, 1);
+}

@@ -8,8 +8,10 @@ use crate::error::Result;
 use crate::finding::{Finding, Severity, Target};
 
 /// Control-register check (`cr`): CR0.WP, CR4.SMEP/SMAP/UMIP, EFER.NXE and the paging bits.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CrCheck;
+#[derive(Debug, Default)]
+pub struct CrCheck {
+    parsed: super::Parsed<Vec<CrState>>,
+}
 
 /// Captured control registers of one vCPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,7 +231,7 @@ impl Check for CrCheck {
     }
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
-        let states: Vec<CrState> = super::state("cr", baseline.state)?;
+        let states = self.parsed.get("cr", &baseline)?;
         let mut out = Vec::new();
         for regs in &ctx.vcpus {
             let now = snapshot(regs);

@@ -11,8 +11,10 @@ use crate::finding::{Finding, Severity, Target};
 use crate::location::Location;
 
 /// GDT check (`gdt`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GdtCheck;
+#[derive(Debug, Default)]
+pub struct GdtCheck {
+    parsed: super::Parsed<Vec<GdtState>>,
+}
 
 /// One non-null GDT slot as captured.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,7 +278,7 @@ impl Check for GdtCheck {
     }
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
-        let states: Vec<GdtState> = super::state("gdt", baseline.state)?;
+        let states = self.parsed.get("gdt", &baseline)?;
         let mut space = ctx.kernel.space();
         let mut out = Vec::new();
         for regs in &ctx.vcpus {

@@ -12,9 +12,12 @@ pub use idt::IdtCheck;
 pub use syscalls::SyscallCheck;
 pub use text::TextCheck;
 
+use std::sync::{Arc, Mutex};
+
 use kvmaccess_core::Registers;
 use serde::de::DeserializeOwned;
 
+use crate::engine::CheckBaseline;
 use crate::error::{Error, Result};
 
 /// Start of the cpu_entry_area on x86-64 (`CPU_ENTRY_AREA_BASE`, the same with 4- and 5-level
@@ -31,8 +34,34 @@ pub(crate) fn long_mode(regs: &Registers) -> bool {
 
 /// Decode a check's captured state.
 pub(crate) fn state<T: DeserializeOwned>(id: &str, value: &serde_json::Value) -> Result<T> {
-    serde_json::from_value(value.clone())
-        .map_err(|e| Error::json(format!("the baseline state of check {id}"), e))
+    T::deserialize(value).map_err(|e| Error::json(format!("the baseline state of check {id}"), e))
+}
+
+/// A check's baseline state, decoded once per baseline: decoding hundreds of locations from
+/// JSON every pass would cost more than comparing them.
+#[derive(Debug)]
+pub(crate) struct Parsed<T>(Mutex<Option<(usize, String, Arc<T>)>>);
+
+impl<T> Default for Parsed<T> {
+    fn default() -> Self {
+        Self(Mutex::new(None))
+    }
+}
+
+impl<T: DeserializeOwned> Parsed<T> {
+    pub(crate) fn get(&self, id: &str, b: &CheckBaseline<'_>) -> Result<Arc<T>> {
+        // The baseline's address and creation time identify it while it is alive.
+        let key = std::ptr::from_ref(b.baseline) as usize;
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, created, parsed)) = slot.as_ref() {
+            if *k == key && *created == b.baseline.created {
+                return Ok(parsed.clone());
+            }
+        }
+        let parsed = Arc::new(state::<T>(id, b.state)?);
+        *slot = Some((key, b.baseline.created.clone(), parsed.clone()));
+        Ok(parsed)
+    }
 }
 
 /// Encode a check's state.

@@ -53,6 +53,7 @@ const WRAPPER_PREFIXES: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct SyscallCheck {
     cache: Mutex<RegionCache>,
+    parsed: super::Parsed<SyscallState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,19 +138,26 @@ impl Check for SyscallCheck {
                     Error::Implausible(format!("cannot size {symbol} at {address:#x}"))
                 })?;
             let entries = read_entries(ctx, address, count)?;
+            // Wrappers share their address with aliases (`__do_sys_getpid`); the name comes
+            // from the wrapper symbol among them.
+            let wanted: std::collections::HashSet<u64> = entries.iter().copied().collect();
+            let mut wrappers: std::collections::HashMap<u64, String> =
+                std::collections::HashMap::new();
+            for sym in ctx.map.symbols().iter() {
+                if sym.module.is_none() && wanted.contains(&sym.address) {
+                    if let Some(n) = syscall_name(&sym.name) {
+                        let better = sym.name.starts_with("__x64_sys_")
+                            || !wrappers.contains_key(&sym.address);
+                        if better {
+                            wrappers.insert(sym.address, n);
+                        }
+                    }
+                }
+            }
             state.tables.push(TableState {
                 abi: abi.to_string(),
                 symbol: symbol.to_string(),
-                names: entries
-                    .iter()
-                    .map(|&e| {
-                        ctx.map
-                            .symbols()
-                            .addr2sym(e)
-                            .filter(|(_, off)| *off == 0)
-                            .and_then(|(s, _)| syscall_name(&s.name))
-                    })
-                    .collect(),
+                names: entries.iter().map(|e| wrappers.get(e).cloned()).collect(),
                 entries: entries.iter().map(|&e| ctx.map.encode(e)).collect(),
             });
         }
@@ -177,7 +185,7 @@ impl Check for SyscallCheck {
     }
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
-        let state: SyscallState = super::state("syscalls", baseline.state)?;
+        let state = self.parsed.get("syscalls", &baseline)?;
         let dispatch_by_switch = ctx.kernel.symbol("x64_sys_call").is_ok();
         let mut out = Vec::new();
         for table in &state.tables {
@@ -185,6 +193,9 @@ impl Check for SyscallCheck {
             let count = u64::try_from(table.entries.len()).unwrap_or(0);
             let now = read_entries(ctx, address, count)?;
             for (number, (&value, was)) in now.iter().zip(&table.entries).enumerate() {
+                if ctx.map.decode(was) == Some(value) {
+                    continue;
+                }
                 let loc = ctx.map.encode(value);
                 if loc.same_place(was) {
                     continue;

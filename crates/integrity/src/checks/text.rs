@@ -44,9 +44,17 @@ const REGIONS: &[(&str, &str, &str)] = &[
 ];
 
 /// Kernel text check (`text`).
+///
+/// By default every pass compares every byte. [`TextCheck::with_budget`] bounds a pass to a
+/// number of bytes, taken round-robin over the regions: a monitor running every second then
+/// pays a fraction of a full comparison per pass and still covers everything every
+/// `ceil(total / budget)` passes.
 #[derive(Debug, Default)]
 pub struct TextCheck {
     cache: Mutex<RegionCache>,
+    budget: Option<u64>,
+    cursor: Mutex<u64>,
+    parsed: super::Parsed<TextState>,
 }
 
 /// One captured region.
@@ -412,15 +420,20 @@ pub(crate) fn compare_region(
             while j < now.len() && now[j] != base[j] {
                 j += 1;
             }
-            let run_start = gva + i as u64;
-            let run_end = gva + j as u64;
-            let covered = page_changes.last().is_some_and(|c| {
-                run_start >= c.verdict.site && run_end <= c.verdict.site + c.verdict.len as u64
-            });
-            if !covered {
-                page_changes.push(classify_run(
-                    ctx, sites, start, old, run_start, run_end, code,
-                )?);
+            let pieces = if code {
+                patch::split_at_sites(sites, gva + i as u64, gva + j as u64)
+            } else {
+                vec![(gva + i as u64, gva + j as u64)]
+            };
+            for (run_start, run_end) in pieces {
+                let covered = page_changes.last().is_some_and(|c| {
+                    run_start >= c.verdict.site && run_end <= c.verdict.site + c.verdict.len as u64
+                });
+                if !covered {
+                    page_changes.push(classify_run(
+                        ctx, sites, start, old, run_start, run_end, code,
+                    )?);
+                }
             }
             i = j;
         }
@@ -616,6 +629,42 @@ pub(crate) fn report(
 }
 
 impl TextCheck {
+    /// A text check that compares at most `bytes` per pass (at least one page).
+    pub fn with_budget(bytes: u64) -> Self {
+        Self {
+            budget: Some(bytes.max(PAGE)),
+            ..Self::default()
+        }
+    }
+
+    /// The slices of each region this pass covers: (region index, offset, length).
+    fn plan(&self, lens: &[u64]) -> Vec<(usize, u64, u64)> {
+        let total: u64 = lens.iter().sum();
+        let Some(budget) = self.budget.filter(|&b| b < total) else {
+            return lens.iter().enumerate().map(|(i, &l)| (i, 0, l)).collect();
+        };
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut left = budget;
+        let mut pos = *cursor % total;
+        while left > 0 {
+            let mut base = 0u64;
+            for (i, &l) in lens.iter().enumerate() {
+                if pos < base + l {
+                    let off = pos - base;
+                    let take = (l - off).min(left);
+                    out.push((i, off, take));
+                    left -= take;
+                    pos = (pos + take) % total;
+                    break;
+                }
+                base += l;
+            }
+        }
+        *cursor = pos;
+        out
+    }
+
     /// What the classifier could not learn about this kernel's patch sites (missing tables,
     /// no BTF for ftrace records), empty before the first classification.
     pub fn site_notes(&self) -> Vec<String> {
@@ -689,15 +738,17 @@ impl Check for TextCheck {
     }
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
-        let state: TextState = super::state("text", baseline.state)?;
+        let state = self.parsed.get("text", &baseline)?;
         let delta = ctx
             .kernel
             .layout()
             .kaslr_offset
             .wrapping_sub(baseline.baseline.kaslr_offset);
+        let lens: Vec<u64> = state.regions.iter().map(|r| r.len).collect();
+        let plan = self.plan(&lens);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
-        for region in &state.regions {
+        for (index, region) in state.regions.iter().enumerate() {
             let old = baseline.baseline.blob(&region.blob)?;
             if u64::try_from(old.len()).ok() != Some(region.len) {
                 return Err(Error::MissingBlob(region.blob.clone()));
@@ -705,15 +756,23 @@ impl Check for TextCheck {
             let start = ctx.map.decode(&region.start).ok_or_else(|| {
                 Error::Implausible(format!("{}: start {} not found", region.name, region.start))
             })?;
-            let changes = compare_region(
-                ctx,
-                &mut cache,
-                &region.name,
-                start,
-                old,
-                region.code,
-                delta,
-            )?;
+            let mut changes = Vec::new();
+            for &(_, off, len) in plan.iter().filter(|p| p.0 == index) {
+                let a = usize::try_from(off).unwrap_or(usize::MAX);
+                let b = a.saturating_add(usize::try_from(len).unwrap_or(0));
+                let slice = old
+                    .get(a..b)
+                    .ok_or_else(|| Error::Implausible("text budget slice".into()))?;
+                changes.extend(compare_region(
+                    ctx,
+                    &mut cache,
+                    &region.name,
+                    start + off,
+                    slice,
+                    region.code,
+                    delta,
+                )?);
+            }
             out.extend(report(ctx, "text", &region.name, start, &changes));
         }
         Ok(out)
