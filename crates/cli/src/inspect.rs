@@ -37,6 +37,16 @@ pub struct RegsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct IdtArgs {
+    /// Whose IDTR to use.
+    #[arg(long, default_value_t = 0)]
+    vcpu: usize,
+    /// Don't resolve handlers to kernel symbols (no Linux profile needed).
+    #[arg(long)]
+    raw: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct TableArgs {
     /// Whose descriptor-table register to use.
     #[arg(long, default_value_t = 0)]
@@ -99,8 +109,11 @@ pub struct ReadArgs {
     #[arg(value_parser = size_arg, value_name = "LEN")]
     len: u64,
     /// ADDR is guest-physical.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pid")]
     phys: bool,
+    /// ADDR is a user address of this process (read through its own page tables).
+    #[arg(long, value_name = "PID")]
+    pid: Option<i32>,
     /// Write the raw bytes to FILE instead of printing a hexdump.
     #[arg(long, short, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -325,26 +338,90 @@ pub fn gdt(args: &TargetArgs, cmd: &TableArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn idt(args: &TargetArgs, cmd: &TableArgs, json: bool) -> Result<()> {
+pub fn idt(args: &TargetArgs, cmd: &IdtArgs, json: bool) -> Result<()> {
     let target = Target::open(args, Access::ReadOnly)?;
     let registers = target.registers(cmd.vcpu)?;
     let mut space = AddressSpace::from_registers(target.memory(), &registers);
     let gates = read_idt(&mut space, registers.idtr, long_mode(&registers))
         .with_context(|| format!("reading the IDT of vCPU {}", cmd.vcpu))?;
+    // Handler symbols and owners need the Linux layer; without it the gates still print.
+    let view = if cmd.raw {
+        None
+    } else {
+        match crate::objects::LinuxView::open(&target, &args.profile) {
+            Ok(view) => Some(view),
+            Err(e) => {
+                eprintln!("kvmaccess: note: handlers stay unresolved: {e:#}");
+                None
+            }
+        }
+    };
+    let idtr_check = view
+        .as_ref()
+        .map(|v| crate::objects::idtr_verdict(v, registers.idtr.base));
+    let annotated: Vec<AnnotatedGate<'_>> = gates
+        .iter()
+        .map(|gate| {
+            let (handler, owner) = match (&view, gate.present) {
+                (Some(v), true) => {
+                    let (symbol, owner) = crate::objects::describe_address(v, gate.offset);
+                    (symbol, Some(owner))
+                }
+                _ => (None, None),
+            };
+            AnnotatedGate {
+                gate,
+                handler,
+                owner,
+            }
+        })
+        .collect();
     if json {
-        return print_json(&gates);
+        #[derive(Serialize)]
+        struct IdtJson<'a> {
+            vcpu: usize,
+            idtr: kvmaccess_core::DescriptorTable,
+            idtr_check: Option<String>,
+            gates: Vec<AnnotatedGate<'a>>,
+        }
+        return print_json(&IdtJson {
+            vcpu: cmd.vcpu,
+            idtr: registers.idtr,
+            idtr_check,
+            gates: annotated,
+        });
     }
-    outln!(
-        "IDT of vCPU {}: base {:#x}, limit {:#x}, {} gates",
+    let mut text = format!(
+        "IDT of vCPU {}: base {:#x}, limit {:#x}, {} gates\n",
         cmd.vcpu,
         registers.idtr.base,
         registers.idtr.limit,
         gates.len()
     );
-    for gate in &gates {
-        outln!("{gate}");
+    if let Some(check) = &idtr_check {
+        text.push_str(&format!("{check}\n"));
     }
+    for a in &annotated {
+        text.push_str(&a.gate.to_string());
+        if let Some(handler) = &a.handler {
+            text.push_str(&format!("  {handler}"));
+        }
+        if let Some(owner) = &a.owner {
+            text.push_str(&format!("  [{owner}]"));
+        }
+        text.push('\n');
+    }
+    out!("{text}");
     Ok(())
+}
+
+/// An IDT gate with the symbol and owner of its handler.
+#[derive(Serialize)]
+struct AnnotatedGate<'a> {
+    #[serde(flatten)]
+    gate: &'a kvmaccess_x86::IdtGate,
+    handler: Option<String>,
+    owner: Option<String>,
 }
 
 pub fn translate(args: &TargetArgs, cmd: &TranslateArgs, json: bool) -> Result<()> {
@@ -390,7 +467,13 @@ pub fn read(args: &TargetArgs, cmd: &ReadArgs, json: bool) -> Result<()> {
     }
     let target = Target::open(args, Access::ReadOnly)?;
     let len = usize::try_from(cmd.len).context("length does not fit in memory")?;
-    let mut reader = Reader::new(&target, cmd.phys, &cmd.space)?;
+    let mut reader = match cmd.pid {
+        Some(pid) => Reader {
+            memory: target.memory(),
+            space: Some(crate::objects::process_reader(&target, &args.profile, pid)?),
+        },
+        None => Reader::new(&target, cmd.phys, &cmd.space)?,
+    };
 
     if let Some(out) = &cmd.out {
         let mut file = File::create(out).with_context(|| format!("creating {}", out.display()))?;

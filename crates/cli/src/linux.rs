@@ -190,9 +190,21 @@ struct SymbolJson<'a> {
     module: Option<&'a str>,
 }
 
+/// The kernel with module symbols merged when its types allow reading the module list; else
+/// kernel symbols only, with a note saying why.
+fn kernel_with_modules<'t>(target: &'t Target, profile: &ProfileArgs) -> Result<Kernel<'t>> {
+    match crate::objects::LinuxView::open(target, profile) {
+        Ok(view) => Ok(view.kernel),
+        Err(e) => {
+            eprintln!("kvmaccess: note: module symbols left out: {e:#}");
+            open_kernel(target, profile)
+        }
+    }
+}
+
 pub fn symbols(args: &TargetArgs, cmd: &SymbolsArgs, json: bool) -> Result<()> {
     let target = Target::open(args, Access::ReadOnly)?;
-    let kernel = open_kernel(&target, &args.profile)?;
+    let kernel = kernel_with_modules(&target, &args.profile)?;
     let wanted = kernel.symbols().iter().filter(|s| {
         cmd.pattern.as_deref().map_or(true, |p| s.name.contains(p))
             && match cmd.module.as_deref() {
@@ -244,7 +256,7 @@ struct Addr2SymJson {
 
 pub fn addr2sym(args: &TargetArgs, cmd: &Addr2SymArgs, json: bool) -> Result<()> {
     let target = Target::open(args, Access::ReadOnly)?;
-    let kernel = open_kernel(&target, &args.profile)?;
+    let kernel = kernel_with_modules(&target, &args.profile)?;
     let results: Vec<Addr2SymJson> = cmd
         .addresses
         .iter()

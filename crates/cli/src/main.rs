@@ -5,6 +5,7 @@ mod boot;
 mod hexdump;
 mod inspect;
 mod linux;
+mod objects;
 mod output;
 mod parse;
 mod target;
@@ -90,8 +91,8 @@ enum Command {
     Regs(inspect::RegsArgs),
     /// The decoded GDT of a vCPU.
     Gdt(inspect::TableArgs),
-    /// The 256 IDT gates of a vCPU.
-    Idt(inspect::TableArgs),
+    /// The 256 IDT gates of a vCPU, with handler symbols and owners on Linux guests.
+    Idt(inspect::IdtArgs),
     /// Translate a guest-virtual address, printing every level of the page walk.
     Translate(inspect::TranslateArgs),
     /// Read guest memory by virtual (default) or physical address; hexdump or raw bytes.
@@ -111,6 +112,18 @@ enum Command {
     Symbols(linux::SymbolsArgs),
     /// Kernel addresses to symbol+offset.
     Addr2sym(linux::Addr2SymArgs),
+    /// Processes from the kernel's task list (or PID table): pid, ppid, uid, state, comm and
+    /// page-table root.
+    Ps(objects::PsArgs),
+    /// Loaded modules: base, size, taint and state (or the sysfs view with --kset).
+    Lsmod(objects::LsmodArgs),
+    /// The kernel log, from the printk ring buffer.
+    Dmesg(objects::DmesgArgs),
+    /// The system-call tables: every entry, the symbol it points to, and whether that is the
+    /// kernel's own wrapper.
+    Syscalls(objects::SyscallsArgs),
+    /// Export the derived kernel profile (kvmaccess JSON or a Volatility 3 ISF).
+    Profile(objects::ProfileCmd),
     /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's figures.
     Bench(bench::BenchArgs),
 }
@@ -151,6 +164,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(args) => linux::info(target, &args, json),
         Command::Symbols(args) => linux::symbols(target, &args, json),
         Command::Addr2sym(args) => linux::addr2sym(target, &args, json),
+        Command::Ps(args) => objects::ps(target, &args, json),
+        Command::Lsmod(args) => objects::lsmod(target, &args, json),
+        Command::Dmesg(args) => objects::dmesg(target, &args, json),
+        Command::Syscalls(args) => objects::syscalls(target, &args, json),
+        Command::Profile(args) => objects::profile(target, &args, json),
         Command::Bench(args) => bench::bench(target, &args, json),
     }?;
     Ok(ExitCode::SUCCESS)

@@ -176,7 +176,7 @@ fn live_registers_tables_and_dump_agree() {
 
     for vcpu in ["0", "1"] {
         let idt = guest.run(&["--json", "idt", "--vcpu", vcpu]).ok().json();
-        let gates = idt.as_array().expect("array");
+        let gates = idt["gates"].as_array().expect("gates");
         assert_eq!(gates.len(), 256);
         assert_eq!(
             num(&gates[14]["offset"]),
