@@ -37,13 +37,26 @@ pub struct RegsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct IdtArgs {
+    #[command(subcommand)]
+    pub set: Option<crate::setters::IdtSub>,
     /// Whose IDTR to use.
     #[arg(long, default_value_t = 0)]
     vcpu: usize,
     /// Don't resolve handlers to kernel symbols (no Linux profile needed).
     #[arg(long)]
     raw: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct GdtArgs {
+    #[command(subcommand)]
+    pub set: Option<crate::setters::GdtSub>,
+    /// Whose descriptor-table register to use.
+    #[arg(long, default_value_t = 0)]
+    vcpu: usize,
 }
 
 #[derive(Debug, Args)]
@@ -316,7 +329,10 @@ fn long_mode(registers: &Registers) -> bool {
     PagingMode::from_registers(registers).is_long_mode()
 }
 
-pub fn gdt(args: &TargetArgs, cmd: &TableArgs, json: bool) -> Result<()> {
+pub fn gdt(args: &TargetArgs, cmd: &GdtArgs, json: bool) -> Result<()> {
+    if let Some(crate::setters::GdtSub::Set(set)) = &cmd.set {
+        return crate::setters::gdt_set(args, set, json);
+    }
     let target = Target::open(args, Access::ReadOnly)?;
     let registers = target.registers(cmd.vcpu)?;
     let mut space = AddressSpace::from_registers(target.memory(), &registers);
@@ -339,6 +355,9 @@ pub fn gdt(args: &TargetArgs, cmd: &TableArgs, json: bool) -> Result<()> {
 }
 
 pub fn idt(args: &TargetArgs, cmd: &IdtArgs, json: bool) -> Result<()> {
+    if let Some(crate::setters::IdtSub::Set(set)) = &cmd.set {
+        return crate::setters::idt_set(args, set, json);
+    }
     let target = Target::open(args, Access::ReadOnly)?;
     let registers = target.registers(cmd.vcpu)?;
     let mut space = AddressSpace::from_registers(target.memory(), &registers);
@@ -548,7 +567,7 @@ impl<'t> Reader<'t> {
     }
 }
 
-fn parse_hex_bytes(text: &str) -> Result<Vec<u8>> {
+pub fn parse_hex_bytes(text: &str) -> Result<Vec<u8>> {
     let digits: String = text
         .chars()
         .filter(|c| !c.is_whitespace() && *c != ':' && *c != ',')

@@ -5,9 +5,11 @@ mod boot;
 mod hexdump;
 mod inspect;
 mod linux;
+mod monitor;
 mod objects;
 mod output;
 mod parse;
+mod setters;
 mod target;
 
 use std::path::PathBuf;
@@ -89,9 +91,10 @@ enum Command {
     Console(boot::ConsoleArgs),
     /// vCPU registers, with CR0/CR4/EFER decoded (paging mode, WP, SMEP, SMAP, NXE).
     Regs(inspect::RegsArgs),
-    /// The decoded GDT of a vCPU.
-    Gdt(inspect::TableArgs),
-    /// The 256 IDT gates of a vCPU, with handler symbols and owners on Linux guests.
+    /// The decoded GDT of a vCPU (`gdt set` writes one descriptor).
+    Gdt(inspect::GdtArgs),
+    /// The 256 IDT gates of a vCPU, with handler symbols and owners on Linux guests (`idt set`
+    /// points one gate elsewhere).
     Idt(inspect::IdtArgs),
     /// Translate a guest-virtual address, printing every level of the page walk.
     Translate(inspect::TranslateArgs),
@@ -124,6 +127,12 @@ enum Command {
     Syscalls(objects::SyscallsArgs),
     /// Export the derived kernel profile (kvmaccess JSON or a Volatility 3 ISF).
     Profile(objects::ProfileCmd),
+    /// Record the kernel objects of a known-good guest (KASLR-relative, tied to the build id).
+    Baseline(monitor::BaselineArgs),
+    /// Compare the guest with a baseline once: exit 0 clean, 1 findings, 2 error.
+    Check(monitor::CheckArgs),
+    /// The monitor daemon: check every interval, one JSON line per finding and guest event.
+    Watch(monitor::WatchArgs),
     /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's figures.
     Bench(bench::BenchArgs),
 }
@@ -148,7 +157,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     let target = &cli.target;
+    // Commands with their own exit codes (check: 1 for findings) return them; the rest succeed
+    // or fail.
     match cli.command {
+        Command::Baseline(args) => return monitor::baseline(target, &args, json),
+        Command::Check(args) => return monitor::check(target, &args, json),
+        Command::Watch(args) => return monitor::watch(target, &args),
         Command::Boot(args) => boot::boot(target, &args, json),
         Command::Shutdown(args) => boot::shutdown(target, &args, json),
         Command::Console(args) => boot::console(target, &args),

@@ -226,7 +226,10 @@ pub enum AbiArg {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SyscallsArgs {
+    #[command(subcommand)]
+    pub set: Option<crate::setters::SyscallsSub>,
     /// Only this table [default: all the kernel has].
     #[arg(long, value_enum)]
     abi: Option<AbiArg>,
@@ -236,6 +239,9 @@ pub struct SyscallsArgs {
 }
 
 pub fn syscalls(args: &TargetArgs, cmd: &SyscallsArgs, json: bool) -> Result<()> {
+    if let Some(crate::setters::SyscallsSub::Set(set)) = &cmd.set {
+        return crate::setters::syscalls_set(args, set, json);
+    }
     let target = Target::open(args, Access::ReadOnly)?;
     let view = LinuxView::open(&target, &args.profile)?;
     let tables = view.kernel.syscall_tables(Some(&view.types))?;

@@ -1,0 +1,692 @@
+//! The integrity monitor: `baseline`, `check`, `watch`, and the write commands behind
+//! `--on-finding restore` (`idt set`, `gdt set`, `syscalls set`).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use kvmaccess_core::{Gva, PhysicalMemoryWrite};
+use kvmaccess_integrity::{
+    apply_write, capture_baseline, restore_plan, run_checks, Baseline, CheckSet, Context, Finding,
+    ModuleSpan, Report, Restore, Severity, CHECKS,
+};
+use kvmaccess_linux::{Kernel, ModuleOffsets};
+use kvmaccess_x86::AddressSpace;
+use serde::Serialize;
+
+use crate::linux::{kernel_types, open_kernel};
+use crate::output::print_json;
+use crate::parse::parse_duration;
+use crate::target::{check_output_path, Access, Target};
+use crate::{outln, TargetArgs};
+
+/// Exit code of `check` when it found something that is not a legitimate state change.
+const EXIT_FINDINGS: u8 = 1;
+
+/// Which checks run.
+#[derive(Debug, Clone, Args)]
+pub struct CheckSelection {
+    /// Only these checks (comma-separated ids; `kvmaccess check --list` names them).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "IDS",
+        conflicts_with = "skip"
+    )]
+    checks: Vec<String>,
+    /// Every default check but these.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    skip: Vec<String>,
+}
+
+impl CheckSelection {
+    fn build(&self) -> Result<CheckSet> {
+        Ok(if !self.checks.is_empty() {
+            CheckSet::from_ids(&self.checks)?
+        } else if !self.skip.is_empty() {
+            CheckSet::without(&self.skip)?
+        } else {
+            CheckSet::default()
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BaselineArgs {
+    /// Where to write the baseline (JSON; kernel text copies go to FILE.bin beside it).
+    #[arg(long, short, value_name = "FILE")]
+    out: PathBuf,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    selection: CheckSelection,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The baseline taken from this guest (or another boot of the same kernel build).
+    #[arg(long, value_name = "FILE", required_unless_present = "list")]
+    baseline: Option<PathBuf>,
+    /// List the checks and exit.
+    #[arg(long)]
+    list: bool,
+    /// Leave out informational findings (the kernel's own legitimate changes).
+    #[arg(long)]
+    no_info: bool,
+    #[command(flatten)]
+    selection: CheckSelection,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The baseline taken from this guest (or another boot of the same kernel build).
+    #[arg(long, value_name = "FILE")]
+    baseline: PathBuf,
+    /// Time between passes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// What to do when an alarm (a non-informational finding) appears; repeatable:
+    /// `pause` (stop the guest), `dump=DIR` (ELF core for forensics), `restore` (write the
+    /// baseline value back; needs --allow-write), `exec=CMD` (run CMD with the finding as JSON
+    /// on stdin and in $KVMACCESS_FINDING).
+    #[arg(long = "on-finding", value_name = "ACTION", value_parser = parse_action)]
+    on_finding: Vec<Action>,
+    /// Allow `--on-finding restore` to write guest memory.
+    #[arg(long)]
+    allow_write: bool,
+    /// Append every finding and event, one JSON line each, to this file (synced after each).
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Bytes of kernel text/rodata compared per pass (round-robin); 0 compares all every pass.
+    #[arg(long, default_value = "2M", value_parser = crate::size_arg)]
+    text_budget: u64,
+    /// Stop after this many passes (for scripts and tests).
+    #[arg(long, value_name = "N")]
+    passes: Option<u64>,
+    /// Leave out informational findings.
+    #[arg(long)]
+    no_info: bool,
+    #[command(flatten)]
+    selection: CheckSelection,
+}
+
+/// One reaction to an alarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Dump(PathBuf),
+    Restore,
+    Exec(String),
+}
+
+fn parse_action(text: &str) -> Result<Action, String> {
+    match text.split_once('=') {
+        None if text == "pause" => Ok(Action::Pause),
+        None if text == "restore" => Ok(Action::Restore),
+        Some(("dump", dir)) if !dir.is_empty() => Ok(Action::Dump(PathBuf::from(dir))),
+        Some(("exec", cmd)) if !cmd.is_empty() => Ok(Action::Exec(cmd.to_string())),
+        _ => Err(format!(
+            "'{text}' is not an action: use pause, dump=DIR, restore or exec=CMD"
+        )),
+    }
+}
+
+/// Module ranges for owners and module-relative locations; an unreadable list leaves them out.
+fn module_spans(
+    kernel: &Kernel<'_>,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+) -> Vec<ModuleSpan> {
+    types
+        .and_then(|t| ModuleOffsets::from_types(t).ok())
+        .and_then(|off| kernel.modules(&off).ok())
+        .map(|modules| ModuleSpan::from_modules(&modules))
+        .unwrap_or_default()
+}
+
+fn context<'k, 'm>(
+    kernel: &'k Kernel<'m>,
+    target: &Target,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+) -> Result<Context<'k, 'm>> {
+    Ok(Context::from_backend(kernel, target.vcpus())?.with_modules(module_spans(kernel, types)))
+}
+
+pub fn baseline(args: &TargetArgs, cmd: &BaselineArgs, json: bool) -> Result<ExitCode> {
+    check_output_path(&cmd.out, cmd.force)?;
+    let checks = cmd.selection.build()?;
+    let target = Target::open(args, Access::ReadOnly)?;
+    let kernel = open_kernel(&target, &args.profile)?;
+    let types = kernel_types(&kernel, &args.profile).ok();
+    let started = Instant::now();
+    // A consistent snapshot: the guest must not change tables while they are copied.
+    let paused = pause_if_running(&target)?;
+    let result = context(&kernel, &target, types.as_ref())
+        .and_then(|ctx| capture_baseline(&ctx, &checks).map_err(anyhow::Error::from));
+    if paused {
+        target.control()?.resume()?;
+    }
+    let baseline = result?;
+    baseline.save(&cmd.out)?;
+    if json {
+        print_json(&serde_json::json!({
+            "path": cmd.out,
+            "release": kernel.release(),
+            "build_id": kernel.build_id(),
+            "checks": checks.ids(),
+        }))?;
+    } else {
+        outln!(
+            "baseline of {} (build {}) with checks {} written to {} in {:.0} ms",
+            kernel.release(),
+            kernel.build_id().unwrap_or("unknown"),
+            checks.ids().join(", "),
+            cmd.out.display(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pause_if_running(target: &Target) -> Result<bool> {
+    match target {
+        Target::Live(_) => {
+            let control = target.control()?;
+            let running = control.is_running()?;
+            if running {
+                control.pause()?;
+            }
+            Ok(running)
+        }
+        Target::Dump(_) => Ok(false),
+    }
+}
+
+pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode> {
+    if cmd.list {
+        if json {
+            print_json(
+                &CHECKS
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c.id, "description": c.description, "default": c.default}))
+                    .collect::<Vec<_>>(),
+            )?;
+        } else {
+            for c in CHECKS {
+                outln!(
+                    "{:<10} {}{}",
+                    c.id,
+                    c.description,
+                    if c.default { "" } else { " (off by default)" }
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(path) = &cmd.baseline else {
+        bail!("give --baseline FILE");
+    };
+    let baseline = load_baseline(path)?;
+    let checks = cmd.selection.build()?;
+    let target = Target::open(args, Access::ReadOnly)?;
+    let kernel = open_kernel(&target, &args.profile)?;
+    let types = kernel_types(&kernel, &args.profile).ok();
+    let ctx = context(&kernel, &target, types.as_ref())?;
+    let report = run_checks(&ctx, &baseline, &checks)?;
+    let shown: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| !(cmd.no_info && f.is_info()))
+        .collect();
+    if json {
+        #[derive(Serialize)]
+        struct CheckJson<'a> {
+            time: &'a str,
+            findings: Vec<&'a Finding>,
+            checks: &'a [kvmaccess_integrity::CheckRun],
+            alarms: usize,
+        }
+        print_json(&CheckJson {
+            time: &report.time,
+            findings: shown,
+            checks: &report.checks,
+            alarms: report.alarms().count(),
+        })?;
+    } else {
+        for finding in &shown {
+            outln!("{finding}");
+        }
+        for (id, error) in report.errors() {
+            eprintln!("kvmaccess: check {id} could not finish: {error}");
+        }
+        let alarms = report.alarms().count();
+        outln!(
+            "{} finding(s): {alarms} alarm(s), {} informational; {} check(s) in {:.2} ms CPU",
+            report.findings.len(),
+            report.findings.len() - alarms,
+            report.checks.len(),
+            report.cpu.as_secs_f64() * 1e3
+        );
+    }
+    if report.errors().next().is_some() && report.alarms().next().is_none() {
+        bail!("some checks could not run; the guest is not known to be clean");
+    }
+    Ok(if report.alarms().next().is_some() {
+        ExitCode::from(EXIT_FINDINGS)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn load_baseline(path: &Path) -> Result<Baseline> {
+    Baseline::load(path).with_context(|| format!("loading the baseline {}", path.display()))
+}
+
+/// Appends JSON lines to stdout and, durably, to the log file.
+struct EventSink {
+    log: Option<std::fs::File>,
+    status_line: bool,
+}
+
+impl EventSink {
+    fn emit<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        let line = serde_json::to_string(record).context("encoding an event")?;
+        if self.status_line {
+            eprint!("\r\x1b[2K");
+        }
+        crate::output::write_stdout(format_args!("{line}\n"));
+        if let Some(log) = &mut self.log {
+            writeln!(log, "{line}").context("appending to the log")?;
+            log.sync_data().context("syncing the log")?;
+        }
+        Ok(())
+    }
+
+    fn status(&self, text: &str) {
+        if self.status_line {
+            eprint!("\r\x1b[2K{text}");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventLine<'a> {
+    event: &'a str,
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+fn event(name: &str, detail: Option<String>) -> EventLine<'_> {
+    EventLine {
+        event: name,
+        time: kvmaccess_integrity::rfc3339(SystemTime::now()),
+        detail,
+    }
+}
+
+#[derive(Serialize)]
+struct FindingLine<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    finding: &'a Finding,
+}
+
+/// The identity of a finding across passes: the same object in the same state is reported once.
+fn finding_key(f: &Finding) -> String {
+    format!(
+        "{}|{}|{}|{:?}|{}",
+        f.check, f.object, f.entry, f.vcpu, f.actual
+    )
+}
+
+pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
+    if cmd.on_finding.contains(&Action::Restore) && !cmd.allow_write {
+        bail!("--on-finding restore writes guest memory: add --allow-write to confirm");
+    }
+    if args.dump.is_some() {
+        bail!("watch needs a live guest (--qmp or a booted guest); use `check` on a dump");
+    }
+    for action in &cmd.on_finding {
+        if let Action::Dump(dir) = action {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the dump directory {}", dir.display()))?;
+        }
+    }
+    let baseline = load_baseline(&cmd.baseline)?;
+    let mut checks = cmd.selection.build()?;
+    if cmd.text_budget > 0 {
+        checks = checks.with_text_budget(cmd.text_budget);
+    }
+    let access = if cmd.allow_write {
+        Access::ReadWrite
+    } else {
+        Access::ReadOnly
+    };
+    let target = Target::open(args, access)?;
+    let Target::Live(vm) = &target else {
+        bail!("watch needs a live guest");
+    };
+    let log = match &cmd.log {
+        Some(path) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the log {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut sink = EventSink {
+        log,
+        status_line: std::io::stderr().is_terminal(),
+    };
+    sink.emit(&event(
+        "watch-started",
+        Some(format!("baseline {}", cmd.baseline.display())),
+    ))?;
+
+    let mut kernel = Some(open_kernel(&target, &args.profile)?);
+    let mut types = kernel
+        .as_ref()
+        .and_then(|k| kernel_types(k, &args.profile).ok());
+    let mut active: BTreeMap<String, Finding> = BTreeMap::new();
+    let mut passes = 0u64;
+    let mut cpu_total = Duration::ZERO;
+    let mut guest_paused = false;
+    loop {
+        // Events first: they change what a pass means (a reboot means a new kernel layout).
+        while let Some(ev) = vm.qmp().try_recv_event() {
+            match ev.name.as_str() {
+                "STOP" => {
+                    guest_paused = true;
+                    sink.emit(&event("guest-paused", None))?;
+                }
+                "RESUME" => {
+                    guest_paused = false;
+                    sink.emit(&event("guest-resumed", None))?;
+                }
+                "RESET" => {
+                    sink.emit(&event(
+                        "guest-rebooted",
+                        Some("re-discovering the kernel".into()),
+                    ))?;
+                    kernel = None;
+                    types = None;
+                    active.clear();
+                }
+                "GUEST_PANICKED" => {
+                    sink.emit(&event("guest-panicked", Some(ev.data.to_string())))?;
+                    for action in &cmd.on_finding {
+                        if let Action::Dump(dir) = action {
+                            let path = dump_to(&target, dir, "panic")?;
+                            sink.emit(&event("dumped", Some(path.display().to_string())))?;
+                        }
+                    }
+                }
+                "SHUTDOWN" => {
+                    sink.emit(&event("guest-shutdown", Some(ev.data.to_string())))?;
+                }
+                name if ev.is_connection_closed() || name == "KVMACCESS_CONNECTION_CLOSED" => {
+                    sink.emit(&event("qemu-exited", None))?;
+                    bail!("QEMU exited; the watch ends");
+                }
+                _ => {}
+            }
+        }
+        if vm.qmp().is_closed() {
+            sink.emit(&event("qemu-exited", None))?;
+            bail!("QEMU exited; the watch ends");
+        }
+        if kernel.is_none() {
+            // After a reboot the kernel needs a moment to publish VMCOREINFO again; retry each
+            // interval until it does.
+            match open_kernel(&target, &args.profile) {
+                Ok(k) => {
+                    if let Err(e) = baseline.check_compatible(&k) {
+                        sink.emit(&event("baseline-mismatch", Some(e.to_string())))?;
+                        bail!("the guest now runs another kernel build: {e}");
+                    }
+                    types = kernel_types(&k, &args.profile).ok();
+                    sink.emit(&event(
+                        "kernel-found",
+                        Some(format!(
+                            "{} KASLR {:#x}",
+                            k.release(),
+                            k.layout().kaslr_offset
+                        )),
+                    ))?;
+                    kernel = Some(k);
+                }
+                Err(_) => {
+                    std::thread::sleep(cmd.interval);
+                    continue;
+                }
+            }
+        }
+        let Some(k) = kernel.as_ref() else { continue };
+        let pass_started = Instant::now();
+        k.invalidate();
+        let report = match context(k, &target, types.as_ref())
+            .and_then(|ctx| run_checks(&ctx, &baseline, &checks).map_err(anyhow::Error::from))
+        {
+            Ok(report) => report,
+            Err(e) => {
+                sink.emit(&event("pass-failed", Some(format!("{e:#}"))))?;
+                std::thread::sleep(cmd.interval);
+                continue;
+            }
+        };
+        passes += 1;
+        cpu_total += report.cpu;
+        handle_report(
+            &target,
+            k,
+            &baseline,
+            types.as_ref(),
+            cmd,
+            &report,
+            &mut active,
+            &mut sink,
+        )?;
+        sink.status(&format!(
+            "watching: pass {passes}, {} active finding(s), {} alarm(s), last pass {:.2} ms CPU{}",
+            active.len(),
+            active.values().filter(|f| !f.is_info()).count(),
+            report.cpu.as_secs_f64() * 1e3,
+            if guest_paused { ", guest paused" } else { "" }
+        ));
+        if cmd.passes.is_some_and(|n| passes >= n) {
+            sink.emit(&event(
+                "watch-finished",
+                Some(format!(
+                    "{passes} passes, {:.3} ms CPU per pass on average",
+                    cpu_total.as_secs_f64() * 1e3 / passes as f64
+                )),
+            ))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(cmd.interval.saturating_sub(pass_started.elapsed()));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle_report(
+    target: &Target,
+    kernel: &Kernel<'_>,
+    baseline: &Baseline,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+    cmd: &WatchArgs,
+    report: &Report,
+    active: &mut BTreeMap<String, Finding>,
+    sink: &mut EventSink,
+) -> Result<()> {
+    for (id, error) in report.errors() {
+        sink.emit(&event("check-failed", Some(format!("{id}: {error}"))))?;
+    }
+    let now: BTreeMap<String, &Finding> = report
+        .findings
+        .iter()
+        .map(|f| (finding_key(f), f))
+        .collect();
+    active.retain(|key, old| {
+        let keep = now.contains_key(key);
+        let shown = !cmd.no_info || !old.is_info();
+        if !keep && shown {
+            let _ = sink.emit(&event(
+                "finding-cleared",
+                Some(format!("{} {} {}", old.check, old.object, old.entry)),
+            ));
+        }
+        keep
+    });
+    for (key, finding) in now {
+        if active.contains_key(&key) {
+            continue;
+        }
+        active.insert(key, finding.clone());
+        if cmd.no_info && finding.is_info() {
+            continue;
+        }
+        sink.emit(&FindingLine {
+            event: "finding",
+            finding,
+        })?;
+        if finding.severity >= Severity::Low {
+            react(target, kernel, baseline, types, cmd, finding, sink)?;
+        }
+    }
+    Ok(())
+}
+
+fn react(
+    target: &Target,
+    kernel: &Kernel<'_>,
+    baseline: &Baseline,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+    cmd: &WatchArgs,
+    finding: &Finding,
+    sink: &mut EventSink,
+) -> Result<()> {
+    for action in &cmd.on_finding {
+        match action {
+            Action::Pause => {
+                target.control()?.pause()?;
+                sink.emit(&event(
+                    "guest-paused-by-watch",
+                    Some(finding.object.clone()),
+                ))?;
+            }
+            Action::Dump(dir) => {
+                let path = dump_to(target, dir, finding.check)?;
+                sink.emit(&event("dumped", Some(path.display().to_string())))?;
+            }
+            Action::Restore => {
+                let ctx = context(kernel, target, types)?;
+                match restore_plan(&ctx, finding, baseline)? {
+                    Restore::Write(write) => {
+                        apply_write(target.writer()?, kernel.layout(), &write)?;
+                        sink.emit(&event("restored", Some(write.description.clone())))?;
+                    }
+                    Restore::Impossible { reason } => {
+                        sink.emit(&event("restore-impossible", Some(reason)))?;
+                    }
+                }
+            }
+            Action::Exec(command) => {
+                let json = serde_json::to_string(finding).context("encoding the finding")?;
+                let status = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(command)
+                    .env("KVMACCESS_FINDING", &json)
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .and_then(|mut child| {
+                        if let Some(mut stdin) = child.stdin.take() {
+                            let _ = writeln!(stdin, "{json}");
+                        }
+                        child.wait()
+                    })
+                    .with_context(|| format!("running `{command}`"))?;
+                sink.emit(&event(
+                    "exec",
+                    Some(format!("`{command}` exited with {status}")),
+                ))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes an ELF core of the (paused) guest into `dir`.
+fn dump_to(target: &Target, dir: &Path, why: &str) -> Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let path = dir.join(format!("kvmaccess-{why}-{stamp}.core"));
+    let paused = pause_if_running(target)?;
+    let vcpus = target.vcpus().all_registers();
+    let result = vcpus.map_err(anyhow::Error::from).and_then(|vcpus| {
+        kvmaccess_dump::write_elf_core_to_path(
+            &path,
+            false,
+            target.memory(),
+            &vcpus,
+            target.vmcoreinfo().as_deref(),
+            &mut |_, _| {},
+        )
+        .map_err(anyhow::Error::from)
+    });
+    if paused {
+        target.control()?.resume()?;
+    }
+    result?;
+    Ok(path)
+}
+
+/// `idt set`, `gdt set`, `syscalls set`: one verified write through the kernel's page tables.
+pub fn write_kernel_bytes(
+    target: &Target,
+    layout: &kvmaccess_linux::KernelLayout,
+    gva: u64,
+    bytes: &[u8],
+    what: &str,
+    json: bool,
+) -> Result<()> {
+    let writer: &dyn PhysicalMemoryWrite = target.writer()?;
+    let mut space = AddressSpace::new(writer, layout.mode, layout.root.0);
+    let mut before = vec![0u8; bytes.len()];
+    space.read(Gva(gva), &mut before)?;
+    apply_write(
+        writer,
+        layout,
+        &kvmaccess_integrity::Write {
+            gva,
+            bytes: bytes.to_vec(),
+            description: what.to_string(),
+        },
+    )?;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    if json {
+        return print_json(&serde_json::json!({
+            "what": what,
+            "address": format!("{gva:#x}"),
+            "before": hex(&before),
+            "after": hex(bytes),
+            "verified": true,
+        }));
+    }
+    outln!(
+        "{what}: wrote {} bytes at {gva:#x} (was {}, now {}), verified by reading back",
+        bytes.len(),
+        hex(&before),
+        hex(bytes)
+    );
+    Ok(())
+}
