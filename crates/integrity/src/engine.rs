@@ -3,12 +3,16 @@
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
+use std::sync::OnceLock;
+
 use kvmaccess_core::{Registers, VcpuState};
-use kvmaccess_linux::Kernel;
+use kvmaccess_linux::{Kernel, KernelTypes};
 use serde::Serialize;
 
 use crate::baseline::{Baseline, Blobs};
-use crate::checks::{CrCheck, GdtCheck, IdtCheck, SyscallCheck, TextCheck};
+use crate::checks::{
+    CrCheck, FtraceCheck, GdtCheck, IdtCheck, ModulesCheck, SyscallCheck, TasksCheck, TextCheck,
+};
 use crate::error::{Error, Result};
 use crate::finding::{Finding, Severity};
 use crate::location::{AddressMap, ModuleSpan};
@@ -24,6 +28,11 @@ pub struct Context<'k, 'm> {
     pub time: SystemTime,
     /// Where the kernel image and modules are in this boot.
     pub map: AddressMap<'k>,
+    /// The kernel's BTF when the caller has it ([`Context::with_types`]).
+    types: Option<&'k KernelTypes>,
+    /// BTF read from the guest by the first check of this pass that needed it (and the error,
+    /// so that a kernel without BTF is asked once per pass, not once per check).
+    loaded_types: OnceLock<std::result::Result<KernelTypes, String>>,
 }
 
 impl fmt::Debug for Context<'_, '_> {
@@ -46,6 +55,8 @@ impl<'k, 'm> Context<'k, 'm> {
             vcpus,
             time: SystemTime::now(),
             map: AddressMap::from_kernel(kernel)?,
+            types: None,
+            loaded_types: OnceLock::new(),
         })
     }
 
@@ -59,6 +70,26 @@ impl<'k, 'm> Context<'k, 'm> {
     pub fn with_modules(mut self, modules: Vec<ModuleSpan>) -> Self {
         self.map.set_modules(modules);
         self
+    }
+
+    /// Give the checks the kernel's type information (BTF) the caller already loaded
+    /// (`kernel.load_types()` or a vmlinux's `.BTF`). Without it, the first check of a pass that
+    /// needs offsets reads the BTF from the guest itself (a few MiB, tens of milliseconds);
+    /// checks keep the offsets they derive for later passes, so a monitor pays that once.
+    pub fn with_types(mut self, types: &'k KernelTypes) -> Self {
+        self.types = Some(types);
+        self
+    }
+
+    /// The kernel's type information: the caller's, or read from the guest once per pass.
+    pub fn types(&self) -> Result<&KernelTypes> {
+        if let Some(types) = self.types {
+            return Ok(types);
+        }
+        self.loaded_types
+            .get_or_init(|| self.kernel.load_types().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|reason| Error::NoTypes(reason.clone()))
     }
 
     /// A finding stamped with this pass's time; fields the caller fills.
@@ -153,6 +184,21 @@ pub const CHECKS: &[CheckInfo] = &[
                       with every change classified",
         default: true,
     },
+    CheckInfo {
+        id: "modules",
+        description: crate::checks::modules::DESCRIPTION,
+        default: true,
+    },
+    CheckInfo {
+        id: "tasks",
+        description: crate::checks::tasks::DESCRIPTION,
+        default: true,
+    },
+    CheckInfo {
+        id: "ftrace",
+        description: crate::checks::ftrace::DESCRIPTION,
+        default: true,
+    },
 ];
 
 fn build(id: &str) -> Option<Box<dyn Check>> {
@@ -162,6 +208,9 @@ fn build(id: &str) -> Option<Box<dyn Check>> {
         "idt" => Box::new(IdtCheck::default()),
         "syscalls" => Box::new(SyscallCheck::default()),
         "text" => Box::new(TextCheck::default()),
+        "modules" => Box::new(ModulesCheck::default()),
+        "tasks" => Box::new(TasksCheck::default()),
+        "ftrace" => Box::new(FtraceCheck::default()),
         _ => return None,
     })
 }

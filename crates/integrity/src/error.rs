@@ -84,6 +84,11 @@ pub enum Error {
     /// The guest holds something no sane kernel holds (a table too large, an inverted range).
     #[error("implausible guest state: {0}")]
     Implausible(String),
+    /// A check needs struct offsets from the kernel's BTF and there is none.
+    #[error(
+        "kernel type information (BTF) is unavailable: {0}; give the monitor a vmlinux with BTF"
+    )]
+    NoTypes(String),
     /// A register snapshot list without any vCPU.
     #[error("no vCPU registers: a pass needs the registers of at least one vCPU")]
     NoVcpus,

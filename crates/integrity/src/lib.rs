@@ -33,7 +33,8 @@ mod time;
 
 pub use baseline::{Baseline, BlobRecord, Blobs, BASELINE_FORMAT, BASELINE_VERSION, SIDECAR_MAGIC};
 pub use checks::{
-    CrCheck, GdtCheck, IdtCheck, SyscallCheck, TextCheck, CEA_RO_IDT, CPU_ENTRY_AREA_BASE,
+    CrCheck, FtraceCheck, FtraceOffsets, GdtCheck, IdtCheck, KprobeOffsets, ModulesCheck,
+    SyscallCheck, TasksCheck, TextCheck, CEA_RO_IDT, CPU_ENTRY_AREA_BASE,
 };
 pub use engine::{
     capture_baseline, run_checks, Check, CheckBaseline, CheckInfo, CheckRun, CheckSet, Context,
@@ -47,3 +48,5 @@ pub use time::rfc3339;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod views_tests;

@@ -1,15 +1,21 @@
 //! The checks.
 
 pub(crate) mod cr;
+pub(crate) mod ftrace;
 pub(crate) mod gdt;
 pub(crate) mod idt;
+pub(crate) mod modules;
 pub(crate) mod syscalls;
+pub(crate) mod tasks;
 pub(crate) mod text;
 
 pub use cr::CrCheck;
+pub use ftrace::{FtraceCheck, FtraceOffsets, KprobeOffsets};
 pub use gdt::GdtCheck;
 pub use idt::IdtCheck;
+pub use modules::ModulesCheck;
 pub use syscalls::SyscallCheck;
+pub use tasks::TasksCheck;
 pub use text::TextCheck;
 
 use std::sync::{Arc, Mutex};
@@ -61,6 +67,46 @@ impl<T: DeserializeOwned> Parsed<T> {
         let parsed = Arc::new(state::<T>(id, b.state)?);
         *slot = Some((key, b.baseline.created.clone(), parsed.clone()));
         Ok(parsed)
+    }
+}
+
+/// Offsets a check derives from the kernel's BTF, derived on first use and kept for later
+/// passes (a monitor keeps its checks for its lifetime). Keyed by the kernel's identity so a
+/// check set reused on another build derives them again; offsets given by the caller
+/// ([`Derived::fixed`]) hold for any kernel.
+#[derive(Debug)]
+pub(crate) struct Derived<T>(Mutex<Option<(Option<String>, Arc<T>)>>);
+
+impl<T> Default for Derived<T> {
+    fn default() -> Self {
+        Self(Mutex::new(None))
+    }
+}
+
+impl<T> Derived<T> {
+    pub(crate) fn fixed(value: T) -> Self {
+        Self(Mutex::new(Some((None, Arc::new(value)))))
+    }
+
+    pub(crate) fn get(
+        &self,
+        ctx: &crate::engine::Context<'_, '_>,
+        derive: impl FnOnce(&kvmaccess_linux::KernelTypes) -> Result<T>,
+    ) -> Result<Arc<T>> {
+        let key = format!(
+            "{} {}",
+            ctx.kernel.release(),
+            ctx.kernel.build_id().unwrap_or("")
+        );
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, value)) = slot.as_ref() {
+            if k.is_none() || k.as_deref() == Some(key.as_str()) {
+                return Ok(value.clone());
+            }
+        }
+        let value = Arc::new(derive(ctx.types()?)?);
+        *slot = Some((Some(key), value.clone()));
+        Ok(value)
     }
 }
 
