@@ -51,6 +51,8 @@ pub const MAX_HASH_ENTRIES: usize = 1000;
 const MAX_HASH_BITS: u64 = 16;
 /// `KPROBE_TABLE_SIZE` (1 << `KPROBE_HASH_BITS`, 6 since 2.6): a `#define`, not in BTF.
 const KPROBE_TABLE_SIZE: u64 = 64;
+/// Bytes before the `__fentry__` call of a function (`endbr64` is 4).
+const FENTRY_SLACK: u64 = 8;
 /// Function names spelled out in a finding's entry; the rest are counted.
 const NAMES_IN_ENTRY: usize = 8;
 
@@ -258,8 +260,14 @@ fn at(base: u64, off: u64, what: &str) -> Result<u64> {
         .ok_or_else(|| Error::Implausible(format!("{what}: {base:#x} + {off:#x} overflows")))
 }
 
+/// The function an ftrace site or probe address is in. ftrace records point at the `__fentry__`
+/// call, which follows an `endbr64` on kernels built with IBT: a few bytes into the function are
+/// still "the function".
 fn name_of(ctx: &Context<'_, '_>, ip: u64) -> String {
-    ctx.map.describe(ip).unwrap_or_else(|| format!("{ip:#x}"))
+    match ctx.map.symbols().addr2sym(ip) {
+        Some((sym, off)) if off <= FENTRY_SLACK => sym.name.clone(),
+        _ => ctx.map.describe(ip).unwrap_or_else(|| format!("{ip:#x}")),
+    }
 }
 
 /// Whether an owner is the kernel's own code: its callbacks are not reported.
