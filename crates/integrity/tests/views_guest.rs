@@ -114,6 +114,19 @@ fn hidden_modules_processes_and_ftrace_hooks_are_found() {
     )
     .unwrap();
     let types = kernel.load_types().unwrap();
+    // The walks start from these; a missing one would silently check nothing.
+    for sym in [
+        "ftrace_ops_list",
+        "ftrace_list_end",
+        "kprobe_table",
+        "aggr_pre_handler",
+        "pre_handler_kretprobe",
+    ] {
+        assert!(
+            kernel.symbol(sym).is_ok(),
+            "{sym} not in the guest's kallsyms"
+        );
+    }
     let m = Monitor {
         kernel: &kernel,
         types: &types,
@@ -142,6 +155,18 @@ fn hidden_modules_processes_and_ftrace_hooks_are_found() {
         "echo nop > /sys/kernel/tracing/current_tracer",
     );
     assert!(m.pass(&baseline).findings.is_empty());
+    // A kprobe event: the kernel's own handler on kprobe_table.
+    sh(
+        &mut console,
+        "echo 'p:kvv_probe __x64_sys_getppid' > /sys/kernel/tracing/kprobe_events && \
+         echo 1 > /sys/kernel/tracing/events/kprobes/kvv_probe/enable",
+    );
+    assert!(m.pass(&baseline).findings.is_empty());
+    sh(
+        &mut console,
+        "echo 0 > /sys/kernel/tracing/events/kprobes/kvv_probe/enable && \
+         echo > /sys/kernel/tracing/kprobe_events",
+    );
 
     // ftrace: the module's ops redirects getpid.
     sh(&mut console, &format!("insmod {KO} attack=ftrace"));
@@ -197,6 +222,33 @@ fn hidden_modules_processes_and_ftrace_hooks_are_found() {
     assert!(
         f.explanation
             .starts_with("module kvma_attack is hidden from the module list"),
+        "{f}"
+    );
+    sh(
+        &mut console,
+        "echo 1 > /sys/module/kvma_attack/parameters/unhide && rmmod kvma_attack",
+    );
+    assert!(m.pass(&baseline).findings.is_empty());
+
+    // Both: the hook's callback is in a module the address map does not know; named anyway.
+    sh(&mut console, &format!("insmod {KO} attack=hide,ftrace"));
+    let r = m.pass(&baseline);
+    let mut a: Vec<(&str, &str, Severity)> = alarms(&r)
+        .iter()
+        .map(|f| (f.check, f.class, f.severity))
+        .collect();
+    a.sort();
+    assert_eq!(
+        a,
+        [
+            ("ftrace", "ftrace-hook", Severity::Critical),
+            ("modules", "hidden-module", Severity::Critical)
+        ]
+    );
+    let f = r.findings.iter().find(|f| f.check == "ftrace").unwrap();
+    assert!(
+        f.explanation
+            .starts_with("module kvma_attack, hidden from the module list, hooks"),
         "{f}"
     );
     sh(

@@ -204,6 +204,8 @@ impl FtraceOffsets {
 #[derive(Debug, Default)]
 pub struct FtraceCheck {
     offsets: super::Derived<FtraceOffsets>,
+    /// For naming hidden modules that own otherwise unowned callbacks.
+    module_offsets: super::Derived<kvmaccess_linux::ModuleOffsets>,
     parsed: super::Parsed<FtraceState>,
 }
 
@@ -212,7 +214,7 @@ impl FtraceCheck {
     pub fn with_offsets(offsets: FtraceOffsets) -> Self {
         Self {
             offsets: super::Derived::fixed(offsets),
-            parsed: super::Parsed::default(),
+            ..Self::default()
         }
     }
 }
@@ -247,6 +249,9 @@ pub(crate) struct Hook {
     pub total: u64,
     pub flags: String,
     pub ipmodify: bool,
+    /// A module hidden from the module list (so not in the address map) whose memory holds the
+    /// callback.
+    pub hidden_module: Option<String>,
 }
 
 fn read_u64(ctx: &Context<'_, '_>, at: u64, what: &str) -> Result<u64> {
@@ -393,6 +398,7 @@ pub(crate) fn ftrace_hooks(ctx: &Context<'_, '_>, off: &FtraceOffsets) -> Result
             total,
             flags: off.flag_words(flags),
             ipmodify: off.flag("IPMODIFY").is_some_and(|m| flags & m != 0),
+            hidden_module: None,
         });
     }
     Ok(hooks)
@@ -481,6 +487,7 @@ pub(crate) fn kprobe_hooks(ctx: &Context<'_, '_>, off: &KprobeOffsets) -> Result
             total: 1,
             flags: String::new(),
             ipmodify: false,
+            hidden_module: None,
         });
     }
     hooks.sort_by_key(|h| h.object);
@@ -532,10 +539,11 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
         (Some(_), false) => Severity::High,
     };
     let callback = ctx.map.encode(h.callback);
-    let who = module.as_ref().map_or_else(
-        || "code in unowned memory (no listed module)".to_string(),
-        |m| format!("module {m}"),
-    );
+    let who = match (&module, &h.hidden_module) {
+        (Some(m), _) => format!("module {m}"),
+        (None, Some(m)) => format!("module {m}, hidden from the module list,"),
+        (None, None) => "code in unowned memory (no listed module)".to_string(),
+    };
     let since = if baselined {
         " (present since the baseline)"
     } else {
@@ -576,12 +584,39 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
         h.callback,
         targets_text(h, MAX_HASH_ENTRIES)
     );
-    f.owner = Some(h.owner.to_string());
+    f.owner = Some(match &h.hidden_module {
+        Some(m) => format!("module {m} (hidden from the module list)"),
+        None => h.owner.to_string(),
+    });
     f.explanation = format!(
         "{who} hooks {} {how}{since}",
         targets_text(h, NAMES_IN_ENTRY)
     );
     f
+}
+
+impl FtraceCheck {
+    /// Unowned callbacks may sit in a module that unlinked itself from the module list (and so
+    /// from the address map): look for it among the modules only sysfs still knows. Best effort:
+    /// without module offsets the callback stays "unowned", which is graded the same.
+    fn name_hidden_owners(&self, ctx: &Context<'_, '_>, hooks: &mut [Hook]) {
+        let Ok(moff) = self
+            .module_offsets
+            .get(ctx, |t| Ok(kvmaccess_linux::ModuleOffsets::from_types(t)?))
+        else {
+            return;
+        };
+        let Ok((_, hidden)) = super::modules::views(ctx, &moff) else {
+            return;
+        };
+        for h in hooks.iter_mut().filter(|h| h.owner == Owner::Unowned) {
+            h.hidden_module = hidden
+                .iter()
+                .filter_map(|x| x.module.as_ref())
+                .find(|m| m.region_of(h.callback).is_some())
+                .map(|m| m.name.clone());
+        }
+    }
 }
 
 impl Check for FtraceCheck {
@@ -607,7 +642,11 @@ impl Check for FtraceCheck {
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
         let state = self.parsed.get("ftrace", &baseline)?;
         let off = self.offsets.get(ctx, FtraceOffsets::from_types)?;
-        Ok(all_hooks(ctx, &off)?
+        let mut hooks = all_hooks(ctx, &off)?;
+        if hooks.iter().any(|h| h.owner == Owner::Unowned) {
+            self.name_hidden_owners(ctx, &mut hooks);
+        }
+        Ok(hooks
             .iter()
             .map(|h| {
                 let loc = ctx.map.encode(h.callback);
