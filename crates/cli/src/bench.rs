@@ -20,7 +20,10 @@ use crate::target::{Access, Target};
 use crate::TargetArgs;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub monitor: Option<crate::bench_monitor::MonitorSub>,
     /// How long to spend on each row (the number of runs adapts to it).
     #[arg(long, default_value = "1s", value_parser = crate::parse::parse_duration)]
     time_per_row: Duration,
@@ -118,6 +121,9 @@ fn mapped_kernel_range(
 }
 
 pub fn bench(args: &TargetArgs, cmd: &BenchArgs, json: bool) -> Result<()> {
+    if let Some(crate::bench_monitor::MonitorSub::Monitor(monitor)) = &cmd.monitor {
+        return crate::bench_monitor::bench_monitor(args, monitor, json);
+    }
     let target = Target::open(args, Access::ReadOnly)?;
     let budget = cmd.time_per_row;
     let memory = target.memory();
@@ -260,6 +266,11 @@ pub fn bench(args: &TargetArgs, cmd: &BenchArgs, json: bool) -> Result<()> {
         "IDTR already known",
     ));
 
+    match linux_rows(&target, args, budget) {
+        Ok(mut linux) => rows.append(&mut linux),
+        Err(e) => eprintln!("kvmaccess: skipping the Linux rows: {e:#}"),
+    }
+
     if json {
         return print_json(&rows);
     }
@@ -289,6 +300,54 @@ pub fn bench(args: &TargetArgs, cmd: &BenchArgs, json: bool) -> Result<()> {
     }
     outln!("paper: Xeon 2.66 GHz, KVM module inside the host kernel, CPU time only (2011).");
     Ok(())
+}
+
+/// The Linux layer: profile discovery from nothing, the syscall table, the task list.
+fn linux_rows(target: &Target, args: &TargetArgs, budget: Duration) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let discovery = measure(budget, 1, || {
+        black_box(crate::linux::open_kernel(target, &args.profile)?);
+        Ok(())
+    })?;
+    rows.push(row(
+        "profile discovery (attach to ready)",
+        &discovery,
+        None,
+        "< 1 s",
+        "VMCOREINFO scan, KASLR, kallsyms decode and index",
+    ));
+    let kernel = crate::linux::open_kernel(target, &args.profile)?;
+    let types = crate::linux::kernel_types(&kernel, &args.profile)?;
+    let resolver = kvmaccess_linux::SyscallResolver::new(&kernel, Some(&types))?;
+    let tables = resolver.read(&kernel)?;
+    let syscalls = measure(budget, 100, || {
+        black_box(resolver.read(&kernel)?);
+        Ok(())
+    })?;
+    rows.push(row(
+        "syscall table read + decode (x64)",
+        &syscalls,
+        Some(10.1),
+        "<= 20 us on shared RAM",
+        format!(
+            "{} entries resolved to symbols and checked",
+            tables.x64.entries.len()
+        ),
+    ));
+    let offsets = kvmaccess_linux::TaskOffsets::from_types(&types)?;
+    let count = kernel.tasks_from_list(&offsets)?.len();
+    let ps = measure(budget, 10, || {
+        black_box(kernel.tasks_from_list(&offsets)?);
+        Ok(())
+    })?;
+    rows.push(row(
+        "ps (task list walk)",
+        &ps,
+        None,
+        "< 10 ms for 1,000 tasks",
+        format!("{count} tasks"),
+    ));
+    Ok(rows)
 }
 
 /// Reads `bytes` of guest RAM from the start of the largest RAM range in 1 MiB chunks.

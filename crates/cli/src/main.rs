@@ -1,6 +1,7 @@
 //! `kvmaccess`: inspect a QEMU/KVM guest's memory, registers and descriptor tables from outside.
 
 mod bench;
+mod bench_monitor;
 mod boot;
 mod hexdump;
 mod inspect;
@@ -133,7 +134,8 @@ enum Command {
     Check(monitor::CheckArgs),
     /// The monitor daemon: check every interval, one JSON line per finding and guest event.
     Watch(monitor::WatchArgs),
-    /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's figures.
+    /// Measure the cost of each access primitive (median and p99), next to the 2011 paper's
+    /// figures; `bench monitor` measures the integrity monitor's overhead.
     Bench(bench::BenchArgs),
 }
 

@@ -15,7 +15,7 @@ use kvmaccess_integrity::{
     apply_write, capture_baseline, restore_plan, run_checks, Baseline, CheckSet, Context, Finding,
     ModuleSpan, Report, Restore, Severity, CHECKS,
 };
-use kvmaccess_linux::{Kernel, ModuleOffsets};
+use kvmaccess_linux::{Kernel, ModuleOffsets, SymbolTable};
 use kvmaccess_x86::AddressSpace;
 use serde::Serialize;
 
@@ -152,17 +152,113 @@ fn module_spans(
 fn context<'k, 'm>(
     kernel: &'k Kernel<'m>,
     target: &Target,
-    types: Option<&kvmaccess_linux::KernelTypes>,
+    types: Option<&'k kvmaccess_linux::KernelTypes>,
 ) -> Result<Context<'k, 'm>> {
-    Ok(Context::from_backend(kernel, target.vcpus())?.with_modules(module_spans(kernel, types)))
+    let ctx =
+        Context::from_backend(kernel, target.vcpus())?.with_modules(module_spans(kernel, types));
+    Ok(match types {
+        Some(types) => ctx.with_types(types),
+        None => ctx,
+    })
+}
+
+/// The loaded modules as a long-running monitor sees them: their address ranges (owners and
+/// module-relative locations) and their symbols merged into the kernel's symbol table, so that
+/// findings name the module function a hook points to (`kvma_sct_getppid+0x0`), not only the
+/// module.
+///
+/// The list is re-read every few passes, and at once when a pass raises an alarm with a stale
+/// list (so a freshly loaded module's hooks are attributed to it): reading it every second
+/// would cost more than the paper's four checks together. Symbols are re-merged only when the
+/// set of loaded modules changed, from a copy of the kernel's own table kept aside.
+pub struct ModuleTracker {
+    kernel_only: SymbolTable,
+    loaded: Option<Vec<(String, u64, i64)>>,
+    spans: Vec<ModuleSpan>,
+    age: u32,
+}
+
+impl ModuleTracker {
+    const REFRESH_PASSES: u32 = 10;
+
+    pub fn new(kernel: &Kernel<'_>) -> Self {
+        Self {
+            kernel_only: kernel.symbols().clone(),
+            loaded: None,
+            spans: Vec::new(),
+            age: u32::MAX,
+        }
+    }
+
+    /// Re-reads the module list now; an unreadable list leaves the previous state alone.
+    fn refresh(&mut self, kernel: &mut Kernel<'_>, types: Option<&kvmaccess_linux::KernelTypes>) {
+        self.age = 0;
+        let Some(off) = types.and_then(|t| ModuleOffsets::from_types(t).ok()) else {
+            return;
+        };
+        let Ok(modules) = kernel.modules(&off) else {
+            return;
+        };
+        self.spans = ModuleSpan::from_modules(&modules);
+        let loaded: Vec<(String, u64, i64)> = modules
+            .iter()
+            .map(|m| (m.name.clone(), m.address, m.state))
+            .collect();
+        if self.loaded.as_ref() == Some(&loaded) {
+            return;
+        }
+        *kernel.symbols_mut() = self.kernel_only.clone();
+        let _ = kernel.merge_module_symbols(&off, &modules);
+        self.loaded = Some(loaded);
+    }
+
+    /// Refreshes when the list is due; says whether it did.
+    fn refresh_if_due(
+        &mut self,
+        kernel: &mut Kernel<'_>,
+        types: Option<&kvmaccess_linux::KernelTypes>,
+    ) -> bool {
+        let due = self.age >= Self::REFRESH_PASSES;
+        if due {
+            self.refresh(kernel, types);
+        }
+        self.age = self.age.saturating_add(1);
+        due
+    }
+}
+
+/// One monitor pass: fresh translations, all vCPUs' registers, every check; re-run with a fresh
+/// module list when it raised alarms with a stale one.
+pub fn run_pass(
+    kernel: &mut Kernel<'_>,
+    target: &Target,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+    baseline: &Baseline,
+    checks: &CheckSet,
+    modules: &mut ModuleTracker,
+) -> Result<Report> {
+    kernel.invalidate();
+    let fresh = modules.refresh_if_due(kernel, types);
+    let report = {
+        let ctx =
+            Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans.clone());
+        run_checks(&ctx, baseline, checks)?
+    };
+    if fresh || report.alarms().next().is_none() {
+        return Ok(report);
+    }
+    modules.refresh(kernel, types);
+    let ctx = Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans.clone());
+    Ok(run_checks(&ctx, baseline, checks)?)
 }
 
 pub fn baseline(args: &TargetArgs, cmd: &BaselineArgs, json: bool) -> Result<ExitCode> {
     check_output_path(&cmd.out, cmd.force)?;
     let checks = cmd.selection.build()?;
     let target = Target::open(args, Access::ReadOnly)?;
-    let kernel = open_kernel(&target, &args.profile)?;
+    let mut kernel = open_kernel(&target, &args.profile)?;
     let types = kernel_types(&kernel, &args.profile).ok();
+    ModuleTracker::new(&kernel).refresh(&mut kernel, types.as_ref());
     let started = Instant::now();
     // A consistent snapshot: the guest must not change tables while they are copied.
     let paused = pause_if_running(&target)?;
@@ -234,8 +330,9 @@ pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode>
     let baseline = load_baseline(path)?;
     let checks = cmd.selection.build()?;
     let target = Target::open(args, Access::ReadOnly)?;
-    let kernel = open_kernel(&target, &args.profile)?;
+    let mut kernel = open_kernel(&target, &args.profile)?;
     let types = kernel_types(&kernel, &args.profile).ok();
+    ModuleTracker::new(&kernel).refresh(&mut kernel, types.as_ref());
     let ctx = context(&kernel, &target, types.as_ref())?;
     let report = run_checks(&ctx, &baseline, &checks)?;
     let shown: Vec<&Finding> = report
@@ -396,6 +493,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
     let mut types = kernel
         .as_ref()
         .and_then(|k| kernel_types(k, &args.profile).ok());
+    let mut modules = kernel.as_ref().map(ModuleTracker::new);
     let mut active: BTreeMap<String, Finding> = BTreeMap::new();
     let mut passes = 0u64;
     let mut cpu_total = Duration::ZERO;
@@ -419,6 +517,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                     ))?;
                     kernel = None;
                     types = None;
+                    modules = None;
                     active.clear();
                 }
                 "GUEST_PANICKED" => {
@@ -462,6 +561,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                             k.layout().kaslr_offset
                         )),
                     ))?;
+                    modules = Some(ModuleTracker::new(&k));
                     kernel = Some(k);
                 }
                 Err(_) => {
@@ -470,12 +570,11 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                 }
             }
         }
-        let Some(k) = kernel.as_ref() else { continue };
+        let (Some(k), Some(tracker)) = (kernel.as_mut(), modules.as_mut()) else {
+            continue;
+        };
         let pass_started = Instant::now();
-        k.invalidate();
-        let report = match context(k, &target, types.as_ref())
-            .and_then(|ctx| run_checks(&ctx, &baseline, &checks).map_err(anyhow::Error::from))
-        {
+        let report = match run_pass(k, &target, types.as_ref(), &baseline, &checks, tracker) {
             Ok(report) => report,
             Err(e) => {
                 sink.emit(&event("pass-failed", Some(format!("{e:#}"))))?;
@@ -483,6 +582,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                 continue;
             }
         };
+        let k = &*k;
         passes += 1;
         cpu_total += report.cpu;
         handle_report(
@@ -535,8 +635,31 @@ fn handle_report(
         .iter()
         .map(|f| (finding_key(f), f))
         .collect();
+    // With a text budget a pass compares only a slice of the kernel: a text finding outside
+    // this pass's slice is missing from the report although the bytes are still changed. It is
+    // cleared only when the bytes are back to the baseline.
+    let mut unseen_but_present = std::collections::BTreeSet::new();
+    if cmd.text_budget > 0 {
+        let mut ctx = None;
+        for (key, old) in active.iter() {
+            if now.contains_key(key)
+                || old.check != "text"
+                || !matches!(old.target, kvmaccess_integrity::Target::Bytes { .. })
+            {
+                continue;
+            }
+            if ctx.is_none() {
+                ctx = Some(context(kernel, target, types)?);
+            }
+            if let Some(ctx) = &ctx {
+                if bytes_still_changed(ctx, kernel, baseline, old) {
+                    unseen_but_present.insert(key.clone());
+                }
+            }
+        }
+    }
     active.retain(|key, old| {
-        let keep = now.contains_key(key);
+        let keep = now.contains_key(key) || unseen_but_present.contains(key);
         let shown = !cmd.no_info || !old.is_info();
         if !keep && shown {
             let _ = sink.emit(&event(
@@ -563,6 +686,20 @@ fn handle_report(
         }
     }
     Ok(())
+}
+
+/// Whether the bytes a text finding is about still differ from the baseline copy.
+fn bytes_still_changed(
+    ctx: &Context<'_, '_>,
+    kernel: &Kernel<'_>,
+    baseline: &Baseline,
+    finding: &Finding,
+) -> bool {
+    let Ok(Restore::Write(write)) = restore_plan(ctx, finding, baseline) else {
+        return false;
+    };
+    let mut now = vec![0u8; write.bytes.len()];
+    kernel.read(Gva(write.gva), &mut now).is_ok() && now != write.bytes
 }
 
 fn react(

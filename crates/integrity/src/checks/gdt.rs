@@ -14,6 +14,7 @@ use crate::location::Location;
 #[derive(Debug, Default)]
 pub struct GdtCheck {
     parsed: super::Parsed<Vec<GdtState>>,
+    clean: super::CleanTables,
 }
 
 /// One non-null GDT slot as captured.
@@ -283,13 +284,24 @@ impl Check for GdtCheck {
         let mut out = Vec::new();
         for regs in &ctx.vcpus {
             let long_mode = super::long_mode(regs);
-            let entries = kvmaccess_x86::read_gdt(&mut space, regs.gdtr, long_mode)?;
+            let len = usize::try_from(regs.gdtr.limit)
+                .map_or(0, |l| l.saturating_add(1))
+                .min(kvmaccess_x86::GDT_MAX_ENTRIES * 8);
+            let mut bytes = vec![0u8; len];
+            space.read(kvmaccess_core::Gva(regs.gdtr.base), &mut bytes)?;
+            let seen = super::SeenTable::new(&baseline, regs.vcpu, regs.gdtr, bytes);
+            if self.clean.unchanged(&seen) {
+                continue;
+            }
+            let entries = kvmaccess_x86::decode_gdt(&seen.bytes, long_mode);
             let base = states
                 .iter()
                 .find(|s| s.vcpu == regs.vcpu)
                 .or_else(|| states.first());
             if let Some(base) = base {
-                out.extend(diff_gdt(ctx, base, regs.vcpu, regs.gdtr, &entries));
+                let found = diff_gdt(ctx, base, regs.vcpu, regs.gdtr, &entries);
+                self.clean.record(seen, found.is_empty());
+                out.extend(found);
             }
         }
         Ok(out)

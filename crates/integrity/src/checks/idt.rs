@@ -14,6 +14,7 @@ use crate::location::Location;
 #[derive(Debug, Default)]
 pub struct IdtCheck {
     parsed: super::Parsed<Vec<IdtState>>,
+    clean: super::CleanTables,
 }
 
 /// One gate as captured, its handler KASLR-relative.
@@ -288,13 +289,26 @@ impl Check for IdtCheck {
         let mut space = ctx.kernel.space();
         let mut out = Vec::new();
         for regs in &ctx.vcpus {
-            let gates = kvmaccess_x86::read_idt(&mut space, regs.idtr, super::long_mode(regs))?;
+            let long_mode = super::long_mode(regs);
+            let gate_size = if long_mode { 16 } else { 8 };
+            let len = usize::try_from(regs.idtr.limit)
+                .map_or(0, |l| l.saturating_add(1))
+                .min(kvmaccess_x86::IDT_MAX_GATES * gate_size);
+            let mut bytes = vec![0u8; len];
+            space.read(kvmaccess_core::Gva(regs.idtr.base), &mut bytes)?;
+            let seen = super::SeenTable::new(&baseline, regs.vcpu, regs.idtr, bytes);
+            if self.clean.unchanged(&seen) {
+                continue;
+            }
+            let gates = kvmaccess_x86::decode_idt(&seen.bytes, long_mode);
             let base = states
                 .iter()
                 .find(|s| s.vcpu == regs.vcpu)
                 .or_else(|| states.first());
             if let Some(base) = base {
-                out.extend(diff_idt(ctx, base, regs.vcpu, regs.idtr, &gates));
+                let found = diff_idt(ctx, base, regs.vcpu, regs.idtr, &gates);
+                self.clean.record(seen, found.is_empty());
+                out.extend(found);
             }
         }
         Ok(merge_vcpus(out))

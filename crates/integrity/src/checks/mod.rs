@@ -123,3 +123,58 @@ pub(crate) fn hex_bytes(bytes: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// A descriptor table as read in one pass, and what it was checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SeenTable {
+    baseline: String,
+    vcpu: usize,
+    table: kvmaccess_core::DescriptorTable,
+    pub bytes: Vec<u8>,
+}
+
+impl SeenTable {
+    pub fn new(
+        baseline: &crate::engine::CheckBaseline<'_>,
+        vcpu: usize,
+        table: kvmaccess_core::DescriptorTable,
+        bytes: Vec<u8>,
+    ) -> Self {
+        Self {
+            baseline: format!(
+                "{}@{}",
+                baseline.baseline.build_id.as_deref().unwrap_or(""),
+                baseline.baseline.created
+            ),
+            vcpu,
+            table,
+            bytes,
+        }
+    }
+}
+
+/// Per vCPU, the descriptor table of the last pass that found it clean. The same bytes under the
+/// same GDTR/IDTR and baseline give the same (empty) result, so a watch compares a few KiB
+/// instead of decoding and diffing every descriptor each second; any change of a byte, of the
+/// register or of the baseline takes the full path again.
+#[derive(Debug, Default)]
+pub(crate) struct CleanTables(std::sync::Mutex<std::collections::HashMap<usize, SeenTable>>);
+
+impl CleanTables {
+    pub fn unchanged(&self, seen: &SeenTable) -> bool {
+        self.0
+            .lock()
+            .map(|clean| clean.get(&seen.vcpu) == Some(seen))
+            .unwrap_or(false)
+    }
+
+    pub fn record(&self, seen: SeenTable, clean: bool) {
+        if let Ok(mut tables) = self.0.lock() {
+            if clean {
+                tables.insert(seen.vcpu, seen);
+            } else {
+                tables.remove(&seen.vcpu);
+            }
+        }
+    }
+}
