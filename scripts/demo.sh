@@ -23,13 +23,19 @@ run regs --all
 say "GDT of vCPU 0"
 run gdt
 
-say "The 256 IDT gates of vCPU 0 (first 24 shown)"
-run idt | head -n 25
+say "The 256 IDT gates of vCPU 0, handlers resolved to kernel symbols (first 20 shown)"
+run idt | head -n 22
+
+say "Zero configuration: the kernel profile found in guest memory alone"
+run info
+
+say "Processes, modules and the system-call table, from outside"
+run ps | head -n 8
+run lsmod
+run syscalls | head -n 6
 
 say "The kernel banner, read through a guest-virtual address"
-# Issue 2 has no symbol layer yet: the guest's own /proc/kallsyms names the address.
-banner=$("$kva" --guest "$name" console "grep ' linux_banner\$' /proc/kallsyms" | awk '{print $1}')
-echo "linux_banner is at 0x$banner (from the guest's /proc/kallsyms)"
+banner=$("$kva" --guest "$name" --json symbols linux_banner | sed -n 's/.*"address": "0x\([0-9a-f]*\)".*/\1/p' | head -n1)
 run translate "0x$banner"
 run read "0x$banner" 160
 
@@ -42,5 +48,31 @@ run resume
 printf '$ kvmaccess --dump %s read 0x%s 64\n' "$core" "$banner"
 "$kva" --dump "$core" read "0x$banner" 64
 rm -f "$core"
+
+say "The integrity monitor: baseline the clean guest, then watch it"
+base=$KVMACCESS_RUN_DIR/$name-baseline.json
+rm -f "$base" "$base.bin"
+run baseline -o "$base"
+log=$KVMACCESS_RUN_DIR/$name-watch.log
+rm -f "$log"
+"$kva" --guest "$name" watch --baseline "$base" --interval 1s --no-info --log "$log" > /dev/null &
+watcher=$!
+sleep 3
+
+say "Inside the guest, a rootkit module hooks the syscall table, an IDT gate and the GDT, clears CR0.WP and hides itself"
+"$kva" --guest "$name" console "insmod /lib/modules/kvma_attack.ko attack=syscall,idt,gdt,wp,hide; dmesg | grep 'kvma_attack:.*done' | cut -c1-150"
+sleep 4
+kill "$watcher" 2>/dev/null || true
+wait "$watcher" 2>/dev/null || true
+
+say "What the watch reported (one JSON line per finding, also in $log)"
+python3 - "$log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e.get("event") == "finding":
+        print(f"[{e['severity']}] {e['check']}: {e['object']} {e['entry']} -> {e['actual']} (owner: {e.get('owner')})")
+        print(f"    {e['explanation']}")
+PY
 
 say "Done: the guest is shut down on exit"
