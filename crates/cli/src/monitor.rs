@@ -144,9 +144,32 @@ fn module_spans(
 ) -> Vec<ModuleSpan> {
     types
         .and_then(|t| ModuleOffsets::from_types(t).ok())
-        .and_then(|off| kernel.modules(&off).ok())
-        .map(|modules| ModuleSpan::from_modules(&modules))
+        .and_then(|off| kernel.modules(&off).ok().map(|m| (off, m)))
+        .map(|(off, modules)| spans_with_hidden(kernel, &off, &modules))
         .unwrap_or_default()
+}
+
+/// Address ranges of the listed modules, plus those of modules that unlinked themselves from
+/// the list but are still registered in sysfs, named as such: a hook into a hidden module's
+/// code is then attributed to it instead of to "unowned memory".
+fn spans_with_hidden(
+    kernel: &Kernel<'_>,
+    off: &ModuleOffsets,
+    listed: &[kvmaccess_linux::Module],
+) -> Vec<ModuleSpan> {
+    let mut all = listed.to_vec();
+    if let Ok(kobjects) = kernel.modules_from_kset(off) {
+        for address in kobjects.iter().filter_map(|k| k.module) {
+            if listed.iter().any(|m| m.address == address) {
+                continue;
+            }
+            if let Ok(mut hidden) = kernel.module_at(off, address) {
+                hidden.name = format!("{} (hidden from the module list)", hidden.name);
+                all.push(hidden);
+            }
+        }
+    }
+    ModuleSpan::from_modules(&all)
 }
 
 fn context<'k, 'm>(
@@ -199,7 +222,7 @@ impl ModuleTracker {
         let Ok(modules) = kernel.modules(&off) else {
             return;
         };
-        self.spans = ModuleSpan::from_modules(&modules);
+        self.spans = spans_with_hidden(kernel, &off, &modules);
         let loaded: Vec<(String, u64, i64)> = modules
             .iter()
             .map(|m| (m.name.clone(), m.address, m.state))

@@ -286,10 +286,20 @@ impl<'s> AddressMap<'s> {
         self.symbols
     }
 
+    /// The nearest symbol at or below `address` that lies in the same module (or in the
+    /// kernel, outside every module): a symbol of the module loaded just below would name code it
+    /// does not own, e.g. for a module whose own symbols are not in the table.
+    fn nearest_symbol(&self, address: u64) -> Option<(&kvmaccess_linux::Symbol, u64)> {
+        let (symbol, offset) = self.symbols.addr2sym(address)?;
+        let region = |a: u64| self.module_at(a).map(|m| m.start);
+        (offset < MAX_SYMBOL_DISTANCE && region(symbol.address) == region(address))
+            .then_some((symbol, offset))
+    }
+
     /// `symbol+0xoff` for an address near a symbol.
     pub fn describe(&self, address: u64) -> Option<String> {
-        let (symbol, offset) = self.symbols.addr2sym(address)?;
-        (offset < MAX_SYMBOL_DISTANCE).then(|| {
+        let (symbol, offset) = self.nearest_symbol(address)?;
+        Some({
             if offset == 0 {
                 symbol.name.clone()
             } else {
@@ -299,8 +309,8 @@ impl<'s> AddressMap<'s> {
     }
 
     fn symbol_and_offset(&self, address: u64) -> Option<(String, u64)> {
-        let (symbol, offset) = self.symbols.addr2sym(address)?;
-        (offset < MAX_SYMBOL_DISTANCE).then(|| (symbol.name.clone(), offset))
+        let (symbol, offset) = self.nearest_symbol(address)?;
+        Some((symbol.name.clone(), offset))
     }
 
     /// The module span holding an address.
