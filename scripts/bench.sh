@@ -11,3 +11,5 @@ trap cleanup EXIT
 cleanup
 "$kva" --guest "$name" boot --accel "$accel" --smp 2 >/dev/null
 "$kva" --guest "$name" bench "${@:2}"
+echo
+"$kva" --guest "$name" bench monitor
