@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The result of one `kvmaccess` run.
 pub struct Run {
@@ -157,4 +158,225 @@ pub fn hex_bytes(value: &serde_json::Value) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
         .collect()
+}
+
+impl BootedGuest {
+    /// A path inside the guest's run directory (removed with it).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.run_root.path().join(name)
+    }
+
+    /// Takes a baseline of the guest as it is now (`baseline -o`); returns its path.
+    pub fn baseline(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        self.run(&["baseline", "-o", path.to_str().expect("utf-8 path")])
+            .ok();
+        path
+    }
+
+    /// `check --json --baseline B EXTRA`: the exit code and the findings.
+    pub fn check_findings(&self, baseline: &Path, extra: &[&str]) -> (i32, Vec<serde_json::Value>) {
+        let mut args = vec![
+            "--json",
+            "check",
+            "--baseline",
+            baseline.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let run = self.run(&args);
+        assert!(
+            run.code == 0 || run.code == 1,
+            "check failed (exit {}): {}{}",
+            run.code,
+            run.stdout,
+            run.stderr
+        );
+        let findings = run.json()["findings"].as_array().expect("findings").clone();
+        (run.code, findings)
+    }
+
+    /// Starts `kvmaccess watch --baseline B --log LOG ARGS` as a child process and waits for its
+    /// `watch-started` line. Its stderr goes to LOG.stderr.
+    pub fn watch(&self, baseline: &Path, log_name: &str, args: &[&str]) -> Watch {
+        let log = self.path(log_name);
+        let stderr_path = self.path(&format!("{log_name}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvmaccess"))
+            .arg("watch")
+            .arg("--baseline")
+            .arg(baseline)
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .env("KVMACCESS_RUN_DIR", self.run_root.path())
+            .env_remove("RUST_BACKTRACE")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting kvmaccess watch");
+        let mut watch = Watch {
+            child,
+            log,
+            stderr: stderr_path,
+        };
+        watch.wait_for("watch-started", Duration::from_secs(60), |l| {
+            l["event"] == "watch-started"
+        });
+        watch
+    }
+}
+
+/// A `kvmaccess watch` child process and its JSON-lines log; killed on drop.
+pub struct Watch {
+    child: std::process::Child,
+    pub log: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Watch {
+    /// Every line logged so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("log line not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// The log and the watch's stderr, for failure messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "log:\n{}\nstderr:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Polls the log until a line satisfies `pred`; returns its index and the line. Panics with
+    /// the transcript when `timeout` passes or the watch exits without such a line.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> (usize, serde_json::Value) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Read the exit status first: lines logged before the exit are then all visible.
+            let exited = self.child.try_wait().expect("watch status");
+            if let Some(found) = self.lines().into_iter().enumerate().find(|(_, l)| pred(l)) {
+                return found;
+            }
+            if let Some(status) = exited {
+                panic!(
+                    "watch exited ({status}) without {what}\n{}",
+                    self.transcript()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}\n{}",
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the watch to end by itself (`--passes`); panics unless it exits 0 in time.
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("watch status") {
+                assert!(
+                    status.success(),
+                    "watch failed: {status}\n{}",
+                    self.transcript()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watch still running after {timeout:?}\n{}",
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends the watch (it is a child of this test) and returns its log.
+    pub fn stop(&mut self) -> Vec<serde_json::Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 UTC time as kvmaccess prints it
+/// (`2026-11-21T22:40:40.240Z`).
+pub fn rfc3339_ms(text: &str) -> i64 {
+    let field = |range: std::ops::Range<usize>| -> i64 {
+        text.get(range)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an RFC 3339 time: {text}"))
+    };
+    let (year, month, day) = (field(0..4), field(5..7), field(8..10));
+    let (hour, minute, second) = (field(11..13), field(14..16), field(17..19));
+    let millis = match text.get(19..20) {
+        Some(".") => {
+            let digits: String = text[20..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let value: i64 = format!("{digits:0<3}")[..3].parse().expect("fraction");
+            value
+        }
+        _ => 0,
+    };
+    assert!(text.ends_with('Z'), "not a UTC time: {text}");
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(d.as_millis()).expect("fits")
+}
+
+impl BootedGuest {
+    /// The address of a module's symbol according to the guest's own /proc/kallsyms
+    /// (`ADDRESS t NAME [MODULE]`).
+    pub fn guest_module_symbol(&self, module: &str, name: &str) -> u64 {
+        let out = self.console(&format!("grep -w '{name}' /proc/kallsyms"));
+        let tag = format!("[{module}]");
+        let line = out
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(2) == Some(&name) && f.get(3) == Some(&tag.as_str())
+            })
+            .unwrap_or_else(|| panic!("{name} [{module}] not in /proc/kallsyms: {out:?}"));
+        let address = u64::from_str_radix(line.split_whitespace().next().unwrap_or(""), 16)
+            .expect("hex address");
+        assert_ne!(address, 0, "kptr_restrict hides addresses: {line}");
+        address
+    }
 }
