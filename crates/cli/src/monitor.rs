@@ -357,7 +357,9 @@ pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode>
     let types = kernel_types(&kernel, &args.profile).ok();
     ModuleTracker::new(&kernel).refresh(&mut kernel, types.as_ref());
     let ctx = context(&kernel, &target, types.as_ref())?;
-    let report = run_checks(&ctx, &baseline, &checks)?;
+    let first = run_checks(&ctx, &baseline, &checks)?;
+    drop(ctx);
+    let report = confirm_alarms(&target, &kernel, types.as_ref(), &baseline, &checks, first)?;
     let shown: Vec<&Finding> = report
         .findings
         .iter()
@@ -401,6 +403,36 @@ pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode>
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// How long a one-shot `check` waits before re-reading a live guest that raised alarms.
+const CONFIRM_DELAY: Duration = Duration::from_secs(2);
+
+/// A running kernel passes through states that look like tampering for a moment (a tracer being
+/// switched off leaves call sites pointing at a trampoline it already unregistered, for
+/// seconds under emulation). A one-shot check of a live guest therefore re-reads once and keeps
+/// only the alarms both passes saw; a real hook stays. A watch gets the same effect from its
+/// memory of recent passes.
+fn confirm_alarms(
+    target: &Target,
+    kernel: &Kernel<'_>,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+    baseline: &Baseline,
+    checks: &CheckSet,
+    first: Report,
+) -> Result<Report> {
+    if matches!(target, Target::Dump(_)) || first.alarms().next().is_none() {
+        return Ok(first);
+    }
+    let seen: std::collections::BTreeSet<String> = first.alarms().map(finding_key).collect();
+    std::thread::sleep(CONFIRM_DELAY);
+    kernel.invalidate();
+    let ctx = context(kernel, target, types)?;
+    let mut second = run_checks(&ctx, baseline, checks)?;
+    second
+        .findings
+        .retain(|f| f.is_info() || seen.contains(&finding_key(f)));
+    Ok(second)
 }
 
 fn load_baseline(path: &Path) -> Result<Baseline> {

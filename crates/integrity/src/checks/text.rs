@@ -104,7 +104,17 @@ pub(crate) struct RegionCache {
     pages: HashMap<(String, u64), (Vec<u8>, Vec<Change>)>,
     sites: Option<Arc<StaticSites>>,
     buf: Vec<u8>,
+    /// ftrace trampolines seen on registered ops in recent passes, with when they were last
+    /// seen. The kernel takes an ops off `ftrace_ops_list` before it patches the call sites back
+    /// to NOPs, and under emulation that patching takes seconds: sites still calling a
+    /// trampoline that just left the list are the tracer shutting down, not a hook.
+    retired_trampolines: Vec<((u64, u64), std::time::Instant)>,
 }
+
+/// How long a trampoline that left `ftrace_ops_list` is still accepted as a call target.
+const TRAMPOLINE_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Most trampolines remembered (a tracer switched on and off in a loop allocates new ones).
+const MAX_REMEMBERED_TRAMPOLINES: usize = 256;
 
 /// One classified change.
 #[derive(Clone, Debug)]
@@ -335,7 +345,18 @@ fn pass_sites(ctx: &Context<'_, '_>, cache: &mut RegionCache, slide_delta: u64) 
     let stat = cache.static_sites(ctx);
     let mut sites = stat.sites.clone();
     if let Some(off) = &stat.ftrace {
-        sites.ftrace_trampolines = ftrace_trampolines(ctx, off).unwrap_or_default();
+        let now = std::time::Instant::now();
+        let current = ftrace_trampolines(ctx, off).unwrap_or_default();
+        let remembered = &mut cache.retired_trampolines;
+        remembered.retain(|(t, seen)| {
+            !current.contains(t) && now.duration_since(*seen) < TRAMPOLINE_GRACE
+        });
+        remembered.extend(current.iter().map(|&t| (t, now)));
+        if remembered.len() > MAX_REMEMBERED_TRAMPOLINES {
+            let excess = remembered.len() - MAX_REMEMBERED_TRAMPOLINES;
+            remembered.drain(..excess);
+        }
+        sites.ftrace_trampolines = remembered.iter().map(|(t, _)| *t).collect();
     }
     sites.kprobes_registered = kprobes_registered(ctx);
     sites.slide_delta = slide_delta;
