@@ -177,6 +177,12 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
         outln!("  ready:   {line}");
     }
     outln!("  qmp:     {}", state.qmp_socket.display());
+    if let Some(monitor) = &state.monitor_socket {
+        outln!(
+            "  monitor: {} (a second QMP socket, used by `watch`)",
+            monitor.display()
+        );
+    }
     outln!(
         "  console: {} (log {})",
         state.console_socket.display(),

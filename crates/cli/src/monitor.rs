@@ -521,7 +521,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
     } else {
         Access::ReadOnly
     };
-    let target = Target::open(args, access)?;
+    let target = Target::open_monitor(args, access)?;
     let Target::Live(vm) = &target else {
         bail!("watch needs a live guest");
     };

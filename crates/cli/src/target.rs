@@ -32,6 +32,16 @@ impl Target {
     /// Opens the target the arguments name. Notices (e.g. the `/proc/PID/mem` fallback) go to
     /// stderr so that JSON on stdout stays clean.
     pub fn open(args: &TargetArgs, access: Access) -> Result<Self> {
+        Self::open_as(args, access, false)
+    }
+
+    /// Like [`Target::open`] for a long-running monitor: on a guest started by `boot` it takes
+    /// the second QMP socket reserved for it, so one-off commands keep working meanwhile.
+    pub fn open_monitor(args: &TargetArgs, access: Access) -> Result<Self> {
+        Self::open_as(args, access, true)
+    }
+
+    fn open_as(args: &TargetArgs, access: Access, monitor: bool) -> Result<Self> {
         if let Some(path) = &args.dump {
             if access == Access::ReadWrite {
                 bail!(
@@ -57,7 +67,13 @@ impl Target {
         };
         let socket = match &args.qmp {
             Some(socket) => socket.clone(),
-            None => booted_guest(args)?.qmp_socket,
+            None => {
+                let state = booted_guest(args)?;
+                match (monitor, state.monitor_socket) {
+                    (true, Some(socket)) => socket,
+                    _ => state.qmp_socket,
+                }
+            }
         };
         let vm = QemuVm::attach_with(&socket, options)?;
         if let Some(notice) = vm.notice() {

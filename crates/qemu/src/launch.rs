@@ -138,6 +138,7 @@ impl LaunchConfig {
             pid: 0,
             run_dir: self.run_dir.clone(),
             qmp_socket: self.run_dir.join("qmp.sock"),
+            monitor_socket: Some(self.run_dir.join("qmp-monitor.sock")),
             console_socket: self.run_dir.join("console.sock"),
             console_log: self.run_dir.join("console.log"),
             qemu_log: self.run_dir.join("qemu.log"),
@@ -182,6 +183,15 @@ impl LaunchConfig {
             "unix:{},server=on,wait=off",
             qemu_opt_path(&state.qmp_socket)?
         ));
+        // QEMU serves one client per QMP socket: a second one keeps a long-running monitor from
+        // locking out one-off commands (and the other way round).
+        if let Some(monitor) = &state.monitor_socket {
+            push("-qmp");
+            push(&format!(
+                "unix:{},server=on,wait=off",
+                qemu_opt_path(monitor)?
+            ));
+        }
         push("-chardev");
         push(&format!(
             "socket,id=con,path={},server=on,wait=off,logfile={}",
@@ -253,7 +263,10 @@ impl LaunchConfig {
         state.ram_path = ram_file_path(&run_dir, self.ram_in_dev_shm);
         let (accel, _why) = self.accel.resolve();
         state.accel = accel;
-        for p in [&state.qmp_socket, &state.console_socket] {
+        for p in [&state.qmp_socket, &state.console_socket]
+            .into_iter()
+            .chain(state.monitor_socket.as_ref())
+        {
             // sun_path holds 108 bytes including the terminating NUL.
             if p.as_os_str().len() >= 108 {
                 return Err(Error::Launch(format!(
@@ -335,6 +348,10 @@ pub struct GuestState {
     pub run_dir: PathBuf,
     /// QMP socket: pass to [`QemuVm::attach`].
     pub qmp_socket: PathBuf,
+    /// A second QMP socket reserved for a long-running monitor (`kvmaccess watch`); absent in
+    /// state files written before it existed.
+    #[serde(default)]
+    pub monitor_socket: Option<PathBuf>,
     /// Serial console socket: [`Console::connect`], or `socat - UNIX-CONNECT:<path>`.
     pub console_socket: PathBuf,
     /// Everything the guest wrote to its console since boot.
@@ -424,6 +441,9 @@ impl GuestState {
             &self.run_dir.join(Self::FILE_NAME),
         ] {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(monitor) = &self.monitor_socket {
+            let _ = std::fs::remove_file(monitor);
         }
     }
 
