@@ -57,6 +57,10 @@ pub struct BootArgs {
     /// How long to wait for the guest to be ready.
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Let the guest reboot (by default a reboot or a panic ends QEMU, so a crashed guest never
+    /// loops silently).
+    #[arg(long)]
+    allow_reboot: bool,
     /// Extra arguments passed to QEMU as they are (repeatable).
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     qemu_args: Vec<String>,
@@ -142,6 +146,7 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
     config.smp = args.smp;
     config.cpu = args.cpu.clone();
     config.extra_args = args.qemu_args.clone();
+    config.no_reboot = !args.allow_reboot;
     config.accel = match args.accel {
         AccelArg::Auto => Accel::Auto,
         AccelArg::Kvm => Accel::Kvm,

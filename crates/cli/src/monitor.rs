@@ -405,6 +405,30 @@ pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode>
     })
 }
 
+/// Whether vCPU 0 runs on this kernel's page tables: its CR3 maps the kernel image through the
+/// same top-level entry as the kernel's own root (the last entry, which maps
+/// `__START_KERNEL_map` in 4- and 5-level paging alike).
+fn kernel_runs_on_cpu(kernel: &Kernel<'_>, target: &Target) -> Result<bool> {
+    let registers = target.registers(0)?;
+    let mode = kvmaccess_x86::PagingMode::from_registers(&registers);
+    if mode != kernel.layout().mode {
+        return Ok(false);
+    }
+    let Some(cpu_root) = mode.root_table(registers.cr3) else {
+        return Ok(false);
+    };
+    let last_entry = |root: kvmaccess_core::Gpa| {
+        root.checked_add(511 * 8)
+            .and_then(|at| kernel.memory().read_u64(at).ok())
+    };
+    Ok(
+        match (last_entry(cpu_root), last_entry(kernel.layout().root)) {
+            (Some(cpu), Some(own)) => cpu != 0 && cpu == own,
+            _ => false,
+        },
+    )
+}
+
 /// How long a one-shot `check` waits before re-reading a live guest that raised alarms.
 const CONFIRM_DELAY: Duration = Duration::from_secs(2);
 
@@ -601,7 +625,16 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         if kernel.is_none() {
             // After a reboot the kernel needs a moment to publish VMCOREINFO again; retry each
             // interval until it does.
-            match open_kernel(&target, &args.profile) {
+            // Guest RAM survives a reset: the old kernel's VMCOREINFO and page tables are still
+            // there and would validate. Only a kernel whose page tables the CPU runs on now is
+            // the new one, and only once it has published its own VMCOREINFO.
+            match open_kernel(&target, &args.profile).and_then(|k| {
+                if kernel_runs_on_cpu(&k, &target)? {
+                    Ok(k)
+                } else {
+                    bail!("the CPU does not run on this kernel's page tables yet")
+                }
+            }) {
                 Ok(k) => {
                     if let Err(e) = baseline.check_compatible(&k) {
                         sink.emit(&event("baseline-mismatch", Some(e.to_string())))?;

@@ -305,6 +305,22 @@ impl Watch {
         }
     }
 
+    /// Waits for the watch to end by itself and returns how it ended.
+    pub fn wait_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("watch status") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watch still running after {timeout:?}\n{}",
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Ends the watch (it is a child of this test) and returns its log.
     pub fn stop(&mut self) -> Vec<serde_json::Value> {
         let _ = self.child.kill();
