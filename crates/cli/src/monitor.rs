@@ -658,9 +658,10 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                 }
             }
         }
-        let (Some(k), Some(tracker)) = (kernel.as_mut(), modules.as_mut()) else {
+        let Some(k) = kernel.as_mut() else {
             continue;
         };
+        let tracker = modules.get_or_insert_with(|| ModuleTracker::new(k));
         let pass_started = Instant::now();
         let report = match run_pass(k, &target, types.as_ref(), &baseline, &checks, tracker) {
             Ok(report) => report,
