@@ -32,7 +32,9 @@ fn workload_steps() -> Vec<String> {
 }
 
 fn run_step(guest: &BootedGuest, step: &str) {
-    let out = guest.console(step);
+    // Switching the function tracer patches ~35,000 sites with all vCPUs stopped; under TCG on
+    // two busy cores that can take minutes, which is slow, not wrong.
+    let out = guest.console_within(step, "600s");
     let want = step.rsplit("echo ").next().unwrap_or_default().trim();
     assert!(
         out.trim_end().ends_with(want),
@@ -42,7 +44,9 @@ fn run_step(guest: &BootedGuest, step: &str) {
 
 #[test]
 fn legitimate_work_raises_no_alarm() {
-    let guest = BootedGuest::boot(&["--smp", "2"]);
+    // One vCPU: every ftrace switch stops all vCPUs, and each emulated vCPU is a host thread
+    // competing with the watch for this machine's two cores.
+    let guest = BootedGuest::boot(&["--smp", "1"]);
     // The features the workload uses exist in this guest.
     assert_eq!(
         guest

@@ -126,7 +126,13 @@ impl BootedGuest {
 
     /// Runs a shell command in the guest and returns its output.
     pub fn console(&self, command: &str) -> String {
-        self.run(&["console", "--timeout", "120s", "--", command])
+        self.console_within(command, "120s")
+    }
+
+    /// Like [`BootedGuest::console`], for commands that are slow under emulation on a loaded
+    /// machine (switching every function's ftrace site, say).
+    pub fn console_within(&self, command: &str, timeout: &str) -> String {
+        self.run(&["console", "--timeout", timeout, "--", command])
             .ok()
             .stdout
     }

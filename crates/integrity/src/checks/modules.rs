@@ -61,13 +61,20 @@ pub(crate) struct ModulesState {
     pub modules: Vec<ModuleState>,
 }
 
+/// The module as the check compares it: only its lasting (non-init) memory, because the kernel
+/// frees init sections some time after the module went live, and a module seen before that
+/// would otherwise look changed.
 fn state_of(m: &Module) -> ModuleState {
+    use kvmaccess_linux::ModuleRegionKind as Kind;
+    let lasting = || {
+        m.regions
+            .iter()
+            .filter(|r| !matches!(r.kind, Kind::InitText | Kind::InitRodata | Kind::InitData))
+    };
     ModuleState {
         name: m.name.clone(),
-        size: m.size,
-        text_size: m
-            .regions
-            .iter()
+        size: lasting().fold(0u64, |a, r| a.saturating_add(r.size)),
+        text_size: lasting()
             .filter(|r| r.kind.is_text())
             .fold(0u64, |a, r| a.saturating_add(r.size)),
         base: m.base,
@@ -203,8 +210,11 @@ impl Check for ModulesCheck {
 
         let was: BTreeMap<&str, &ModuleState> =
             state.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+        // A module still loading (its init sections counted in its size) or going away is in
+        // transit; it is compared once it is live.
         let now: BTreeMap<&str, ModuleState> = listed
             .iter()
+            .filter(|m| m.proc_state() == "Live")
             .map(|m| (m.name.as_str(), state_of(m)))
             .collect();
         // A new slide means a reboot: every module moved, which says nothing.
