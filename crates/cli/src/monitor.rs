@@ -262,17 +262,35 @@ pub fn run_pass(
 ) -> Result<Report> {
     kernel.invalidate();
     let fresh = modules.refresh_if_due(kernel, types);
-    let report = {
-        let ctx =
-            Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans.clone());
-        run_checks(&ctx, baseline, checks)?
-    };
+    let report = run_checks(
+        &pass_context(kernel, target, types, modules)?,
+        baseline,
+        checks,
+    )?;
     if fresh || report.alarms().next().is_none() {
         return Ok(report);
     }
     modules.refresh(kernel, types);
+    Ok(run_checks(
+        &pass_context(kernel, target, types, modules)?,
+        baseline,
+        checks,
+    )?)
+}
+
+/// A pass's context: all vCPUs' registers, the tracked module ranges, and the kernel types
+/// loaded once for the session (so no check reads the BTF from the guest again).
+fn pass_context<'k, 'm>(
+    kernel: &'k Kernel<'m>,
+    target: &Target,
+    types: Option<&'k kvmaccess_linux::KernelTypes>,
+    modules: &ModuleTracker,
+) -> Result<Context<'k, 'm>> {
     let ctx = Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans.clone());
-    Ok(run_checks(&ctx, baseline, checks)?)
+    Ok(match types {
+        Some(types) => ctx.with_types(types),
+        None => ctx,
+    })
 }
 
 pub fn baseline(args: &TargetArgs, cmd: &BaselineArgs, json: bool) -> Result<ExitCode> {
@@ -281,11 +299,12 @@ pub fn baseline(args: &TargetArgs, cmd: &BaselineArgs, json: bool) -> Result<Exi
     let target = Target::open(args, Access::ReadOnly)?;
     let mut kernel = open_kernel(&target, &args.profile)?;
     let types = kernel_types(&kernel, &args.profile).ok();
-    ModuleTracker::new(&kernel).refresh(&mut kernel, types.as_ref());
+    let mut modules = ModuleTracker::new(&kernel);
+    modules.refresh(&mut kernel, types.as_ref());
     let started = Instant::now();
     // A consistent snapshot: the guest must not change tables while they are copied.
     let paused = pause_if_running(&target)?;
-    let result = context(&kernel, &target, types.as_ref())
+    let result = pass_context(&kernel, &target, types.as_ref(), &modules)
         .and_then(|ctx| capture_baseline(&ctx, &checks).map_err(anyhow::Error::from));
     if paused {
         target.control()?.resume()?;
@@ -355,11 +374,20 @@ pub fn check(args: &TargetArgs, cmd: &CheckArgs, json: bool) -> Result<ExitCode>
     let target = Target::open(args, Access::ReadOnly)?;
     let mut kernel = open_kernel(&target, &args.profile)?;
     let types = kernel_types(&kernel, &args.profile).ok();
-    ModuleTracker::new(&kernel).refresh(&mut kernel, types.as_ref());
-    let ctx = context(&kernel, &target, types.as_ref())?;
+    let mut modules = ModuleTracker::new(&kernel);
+    modules.refresh(&mut kernel, types.as_ref());
+    let ctx = pass_context(&kernel, &target, types.as_ref(), &modules)?;
     let first = run_checks(&ctx, &baseline, &checks)?;
     drop(ctx);
-    let report = confirm_alarms(&target, &kernel, types.as_ref(), &baseline, &checks, first)?;
+    let report = confirm_alarms(
+        &target,
+        &kernel,
+        types.as_ref(),
+        &modules,
+        &baseline,
+        &checks,
+        first,
+    )?;
     let shown: Vec<&Finding> = report
         .findings
         .iter()
@@ -441,6 +469,7 @@ fn confirm_alarms(
     target: &Target,
     kernel: &Kernel<'_>,
     types: Option<&kvmaccess_linux::KernelTypes>,
+    modules: &ModuleTracker,
     baseline: &Baseline,
     checks: &CheckSet,
     first: Report,
@@ -451,7 +480,7 @@ fn confirm_alarms(
     let seen: std::collections::BTreeSet<String> = first.alarms().map(finding_key).collect();
     std::thread::sleep(CONFIRM_DELAY);
     kernel.invalidate();
-    let ctx = context(kernel, target, types)?;
+    let ctx = pass_context(kernel, target, types, modules)?;
     let mut second = run_checks(&ctx, baseline, checks)?;
     second
         .findings
