@@ -117,9 +117,13 @@ if [ -f "$attack_src/kvma_attack.c" ]; then
     fi
 fi
 
-# Modules the test guest loads at boot, in dependency order.
+# Modules the test guest loads at boot, in dependency order. pvpanic-mmio drives QEMU's ISA
+# pvpanic device (ACPI QEMU0001), so a panic reaches QEMU as GUEST_PANICKED before the kernel
+# reboots or hangs.
 guest_modules=(
     kernel/drivers/firmware/qemu_fw_cfg.ko
+    kernel/drivers/misc/pvpanic/pvpanic.ko
+    kernel/drivers/misc/pvpanic/pvpanic-mmio.ko
 )
 
 initrd="$cache/initramfs.cpio.gz"
@@ -127,12 +131,19 @@ stamp_inputs=("$here/init" "$here/build-guest.sh" "$cache/vmlinuz")
 [ -s "$attack_ko" ] && stamp_inputs+=("$attack_ko")
 [ -f "$here/attack/selftest.sh" ] && stamp_inputs+=("$here/attack/selftest.sh")
 [ -d "$here/extra" ] && while IFS= read -r -d '' f; do stamp_inputs+=("$f"); done < <(find "$here/extra" -type f -print0)
-rebuild=0
-[ -s "$initrd" ] || rebuild=1
-for f in "${stamp_inputs[@]}"; do
-    [ "$f" -nt "$initrd" ] && rebuild=1
-done
-if [ "$rebuild" = 1 ]; then
+# By content, not modification time: a cache restored from elsewhere (CI) can hold an image
+# newer than a script whose module list or init changed since.
+initrd_sum=$(
+    {
+        printf '%s\n' "$ver" "${guest_modules[@]}"
+        for f in "${stamp_inputs[@]}"; do
+            # The path relative to the checkout or the cache, so a moved tree is not a change.
+            rel=${f#"$here"/}
+            echo "${rel#"$cache"/} $(sha256sum < "$f" | cut -d' ' -f1)"
+        done
+    } | sha256sum | cut -d' ' -f1
+)
+if [ ! -s "$initrd" ] || [ "$(cat "$cache/initramfs.sum" 2>/dev/null)" != "$initrd_sum" ]; then
     root=$(mktemp -d "$cache/initrd.XXXXXX")
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,etc,root,lib/modules}
     cp /bin/busybox "$root/bin/busybox"
@@ -143,7 +154,11 @@ if [ "$rebuild" = 1 ]; then
     : > "$root/lib/modules/load-order"
     for m in "${guest_modules[@]}"; do
         src="$cache/modules/$m"
-        [ -f "$src" ] || continue
+        if [ ! -f "$src" ]; then
+            grep -qx "$m" "$cache/modules/modules.builtin" 2>/dev/null && continue
+            echo "module $m is neither in kernel $ver's modules nor built in" >&2
+            exit 1
+        fi
         cp "$src" "$root/lib/modules/"
         basename "$m" >> "$root/lib/modules/load-order"
     done
@@ -154,6 +169,7 @@ if [ "$rebuild" = 1 ]; then
     echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
     (cd "$root" && find . | sort | /bin/busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -9) > "$initrd.part"
     mv "$initrd.part" "$initrd"
+    echo "$initrd_sum" > "$cache/initramfs.sum"
     rm -rf "$root"
 fi
 echo "guest ready: kernel $ver in $cache"

@@ -72,42 +72,57 @@ fn finish(regs: Registers, seen: u32) -> Result<Registers> {
     Ok(regs)
 }
 
-/// Split `R8 =0000 RIP=ffff [---Z-P-] CPL=0` into `("R8", ["0000"])`, `("RIP", ["ffff", "[---Z-P-]"])`,
-/// ...: a word containing `=` starts a new key, later words are extra values of that key.
-fn fields(line: &str) -> Vec<(String, Vec<&str>)> {
-    let mut out: Vec<(String, Vec<&str>)> = Vec::new();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let mut i = 0;
-    while i < words.len() {
-        let w = words[i];
+/// Most values one key carries (`CS =0010 base limit flags DPL=0 CS64 [-RA]` has 4 + extras).
+const MAX_VALUES: usize = 8;
+
+/// Calls `visit` for each key of `R8 =0000 RIP=ffff [---Z-P-] CPL=0`: `("R8", ["0000"])`,
+/// `("RIP", ["ffff", "[---Z-P-]"])`, ...: a word containing `=` starts a new key, later words are
+/// extra values of that key. Allocates nothing: the monitor parses this text every pass, and
+/// half of it is FPU/vector state it never uses.
+fn for_each_field<'a>(
+    line: &'a str,
+    mut visit: impl FnMut(&'a str, &[&'a str]) -> Result<()>,
+) -> Result<()> {
+    let mut words = line.split_ascii_whitespace().peekable();
+    let mut key: Option<&str> = None;
+    let mut values: [&str; MAX_VALUES] = [""; MAX_VALUES];
+    let mut count = 0;
+    while let Some(word) = words.next() {
         // `R8 =...`, `ES =...`: the key and `=` are separated by padding.
-        let (key, value) = if let Some(v) = words.get(i + 1).and_then(|n| n.strip_prefix('=')) {
-            if w.contains('=') {
-                (None, None)
-            } else {
-                i += 1;
-                (Some(w.to_string()), Some(v))
-            }
+        let starts_key = if word.contains('=') {
+            word.split_once('=')
         } else {
-            match w.split_once('=') {
-                Some((k, v)) => (Some(k.to_string()), Some(v)),
-                None => (None, None),
+            match words.peek().and_then(|next| next.strip_prefix('=')) {
+                Some(value) => {
+                    words.next();
+                    Some((word, value))
+                }
+                None => None,
             }
         };
-        match (key, value) {
-            (Some(k), Some(v)) => {
-                let vals = if v.is_empty() { Vec::new() } else { vec![v] };
-                out.push((k, vals));
+        match starts_key {
+            Some((k, v)) => {
+                if let Some(done) = key.replace(k) {
+                    visit(done, &values[..count])?;
+                }
+                count = 0;
+                if !v.is_empty() {
+                    values[0] = v;
+                    count = 1;
+                }
             }
-            _ => {
-                if let Some(last) = out.last_mut() {
-                    last.1.push(w);
+            None => {
+                if key.is_some() && count < MAX_VALUES {
+                    values[count] = word;
+                    count += 1;
                 }
             }
         }
-        i += 1;
     }
-    out
+    if let Some(done) = key {
+        visit(done, &values[..count])?;
+    }
+    Ok(())
 }
 
 fn hex(what: &str, s: &str) -> Result<u64> {
@@ -120,16 +135,22 @@ fn hex_u32(what: &str, s: &str) -> Result<u32> {
         .map_err(|_| Error::protocol("info registers", format!("{what}={s} exceeds 32 bits")))
 }
 
+/// Lines of FPU, vector and debug state: skipped unread, they are most of the text.
+const UNUSED_LINES: [&str; 7] = ["FPR", "YMM", "XMM", "ZMM", "Opmask", "FCW", "DR"];
+
 fn parse_line(line: &str, r: &mut Registers, seen: &mut u32) -> Result<()> {
-    for (key, vals) in fields(line) {
+    if UNUSED_LINES.iter().any(|prefix| line.starts_with(prefix)) {
+        return Ok(());
+    }
+    for_each_field(line, |key, vals| {
         let first = vals.first().copied();
         let gpr = |slot: &mut u64| -> Result<()> {
             if let Some(v) = first {
-                *slot = hex(&key, v)?;
+                *slot = hex(key, v)?;
             }
             Ok(())
         };
-        match key.as_str() {
+        match key {
             "RAX" | "EAX" => gpr(&mut r.rax)?,
             "RBX" | "EBX" => gpr(&mut r.rbx)?,
             "RCX" | "ECX" => gpr(&mut r.rcx)?,
@@ -160,12 +181,12 @@ fn parse_line(line: &str, r: &mut Registers, seen: &mut u32) -> Result<()> {
             "CR4" => gpr(&mut r.cr4)?,
             "EFER" => {
                 if let Some(v) = first {
-                    r.efer = Some(hex(&key, v)?);
+                    r.efer = Some(hex(key, v)?);
                 }
             }
             "ES" | "CS" | "SS" | "DS" | "FS" | "GS" | "LDT" | "TR" => {
-                let seg = parse_segment(&key, &vals)?;
-                match key.as_str() {
+                let seg = parse_segment(key, vals)?;
+                match key {
                     "ES" => r.es = seg,
                     "CS" => {
                         r.cs = seg;
@@ -184,8 +205,8 @@ fn parse_line(line: &str, r: &mut Registers, seen: &mut u32) -> Result<()> {
                     return Err(Error::protocol("info registers", line));
                 };
                 let table = DescriptorTable {
-                    base: hex(&key, base)?,
-                    limit: hex_u32(&key, limit)?,
+                    base: hex(key, base)?,
+                    limit: hex_u32(key, limit)?,
                 };
                 if key == "GDT" {
                     r.gdtr = table;
@@ -197,8 +218,8 @@ fn parse_line(line: &str, r: &mut Registers, seen: &mut u32) -> Result<()> {
             }
             _ => {}
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]`: selector, base, limit, flags.
@@ -281,6 +302,37 @@ mod tests {
         assert_eq!(v[0].cs.selector, 0xf000);
         assert_eq!(v[0].cr0, 0x60000010);
         assert_eq!(v[0].efer, Some(0));
+    }
+
+    #[test]
+    fn fields_split_keys_values_and_cap_extras() {
+        let mut seen = Vec::new();
+        for_each_field(
+            "R8 =0001 RIP=ffff [---Z-P-] CPL=0 GDT=     fffe 007f X=1 a b c d e f g h i j",
+            |k, v| {
+                seen.push((
+                    k.to_string(),
+                    v.len(),
+                    v.first().copied().unwrap_or("").to_string(),
+                ));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let keys: Vec<_> = seen
+            .iter()
+            .map(|(k, n, first)| (k.as_str(), *n, first.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("R8", 1, "0001"),
+                ("RIP", 2, "ffff"),
+                ("CPL", 1, "0"),
+                ("GDT", 2, "fffe"),
+                ("X", MAX_VALUES, "1")
+            ]
+        );
     }
 
     #[test]
