@@ -1,7 +1,7 @@
 //! The live QEMU backend of kvmaccess.
 //!
 //! * [`QmpClient`]: a synchronous QMP client (greeting check, commands, HMP, events routed to a
-//!   queue by a reader thread, QEMU's PID from the socket).
+//!   queue by whichever caller reads the socket, QEMU's PID from the socket).
 //! * [`LaunchConfig`] / [`Guest`]: start `qemu-system-x86_64` with guest RAM in a shared file,
 //!   QMP and a serial console on unix sockets, and a state file other commands can find.
 //! * [`Console`]: drive the guest's serial console (wait for a marker, run a shell command).

@@ -1,20 +1,21 @@
 //! A synchronous QMP client.
 //!
-//! QEMU interleaves asynchronous events with command replies on the same stream, so one reader
-//! thread owns the receiving half: replies go to the caller waiting for that `id`, events go to a
-//! queue the owner polls. Callers use `&self` from any thread; the connection is shared.
+//! QEMU interleaves asynchronous events with command replies on the same stream. There is no
+//! reader thread: whichever caller is waiting (for a reply or an event) reads the socket itself,
+//! routing replies to the callers waiting for their `id` and events to a queue; the others wait
+//! until it hands over. The monitor fetches registers every pass, and a thread hand-off per reply
+//! (two futex calls and two context switches) cost as much CPU as the rest of the round trip.
+//! Callers use `&self` from any thread; the connection is shared.
 
 use crate::error::{shorten, Error, Result};
 use serde_json::{json, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long to wait for the `{"QMP": ...}` greeting after connecting.
@@ -61,20 +62,26 @@ impl QmpEvent {
     }
 }
 
-type Reply = Result<Value>;
-
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, SyncSender<Reply>>,
+    /// The receiving half while nobody reads; `None` while a caller reads it outside the lock.
+    reader: Option<LineReader>,
+    /// Ids whose callers still wait for a reply.
+    waiting: HashSet<u64>,
+    /// Replies read for waiting callers, not yet taken.
+    replies: HashMap<u64, Value>,
     events: VecDeque<QmpEvent>,
     dropped_events: u64,
     closed: bool,
+    /// Callers sleeping on [`Shared::progress`]; without any, signalling it is a wasted syscall.
+    sleepers: usize,
 }
 
 #[derive(Default)]
 struct Shared {
     state: Mutex<State>,
-    event_ready: Condvar,
+    /// Signalled whenever a message was routed or the reading role was handed back.
+    progress: Condvar,
     /// Bumped on every RESUME and RESET event; see [`QmpClient::generation`].
     generation: AtomicU64,
 }
@@ -86,36 +93,132 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push_event(&self, event: QmpEvent) {
+    fn push_event(&self, st: &mut State, event: QmpEvent) {
         if matches!(event.name.as_str(), "RESUME" | "RESET") {
             self.generation.fetch_add(1, Ordering::SeqCst);
         }
-        let mut st = self.lock();
         if st.events.len() >= EVENT_QUEUE_LIMIT {
             st.events.pop_front();
             st.dropped_events = st.dropped_events.saturating_add(1);
         }
         st.events.push_back(event);
-        drop(st);
-        self.event_ready.notify_all();
     }
 
-    fn close(&self) {
-        let mut st = self.lock();
+    /// Routes one line from QEMU: an event to the queue, a reply to its waiting caller.
+    fn route(&self, st: &mut State, line: &[u8]) {
+        let Ok(msg) = serde_json::from_slice::<Value>(line) else {
+            // QEMU only sends JSON objects; a garbled line cannot be routed, and dropping it
+            // keeps the connection usable for everything else.
+            return;
+        };
+        if let Some(event) = QmpEvent::from_message(&msg) {
+            self.push_event(st, event);
+            return;
+        }
+        if let Some(id) = msg.get("id").and_then(Value::as_u64) {
+            // A reply nobody waits for any more (its caller timed out) is dropped.
+            if st.waiting.contains(&id) {
+                st.replies.insert(id, msg);
+            }
+        }
+    }
+
+    fn close(&self, st: &mut State) {
         if st.closed {
             return;
         }
         st.closed = true;
-        for (_, tx) in st.pending.drain() {
-            // The waiter may have given up already; nothing to do then.
-            let _ = tx.try_send(Err(Error::Closed));
+        st.reader = None;
+        self.push_event(
+            st,
+            QmpEvent {
+                name: QmpEvent::CONNECTION_CLOSED.to_string(),
+                data: Value::Null,
+                timestamp_us: None,
+            },
+        );
+    }
+
+    /// Waits until `ready` finds what the caller wants, reading the socket itself while no other
+    /// caller does. `None` when `deadline` passes first; `ready` sees the closed state too, so
+    /// it decides what a closed connection means for it.
+    fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        mut ready: impl FnMut(&mut State) -> Option<T>,
+    ) -> Option<T> {
+        let mut st = self.lock();
+        loop {
+            if let Some(found) = ready(&mut st) {
+                return Some(found);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if left.is_zero() || st.closed {
+                return None;
+            }
+            let Some(mut reader) = st.reader.take() else {
+                // Another caller reads; it routes what we wait for and signals.
+                st.sleepers += 1;
+                st = self
+                    .progress
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                st.sleepers -= 1;
+                continue;
+            };
+            drop(st);
+            let got = reader.next_line_within(left);
+            st = self.lock();
+            match got {
+                Ok(Some(line)) => {
+                    st.reader = Some(reader);
+                    self.route(&mut st, &line);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    st.reader = Some(reader);
+                }
+                // Any other read error ends the connection like EOF: no more replies can come.
+                Ok(None) | Err(_) => self.close(&mut st),
+            }
+            if st.sleepers > 0 {
+                self.progress.notify_all();
+            }
         }
+    }
+
+    /// Routes whatever QEMU has already sent, without waiting, unless another caller is reading
+    /// (it routes it then).
+    fn drain_available(&self) {
+        let mut st = self.lock();
+        let Some(mut reader) = st.reader.take() else {
+            return;
+        };
         drop(st);
-        self.push_event(QmpEvent {
-            name: QmpEvent::CONNECTION_CLOSED.to_string(),
-            data: Value::Null,
-            timestamp_us: None,
-        });
+        let mut lines = Vec::new();
+        let end = loop {
+            match reader.next_line_available() {
+                Ok(Some(line)) => lines.push(line),
+                Ok(None) => break false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                Err(_) => break true,
+            }
+            if lines.len() >= EVENT_QUEUE_LIMIT {
+                break false;
+            }
+        };
+        st = self.lock();
+        for line in &lines {
+            self.route(&mut st, line);
+        }
+        if end || reader.eof {
+            self.close(&mut st);
+        } else {
+            st.reader = Some(reader);
+        }
+        if st.sleepers > 0 {
+            self.progress.notify_all();
+        }
     }
 }
 
@@ -123,24 +226,86 @@ impl Shared {
 struct LineReader {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// The receive timeout last set on the socket, to set it only when it changes: a command
+    /// waits with the same timeout every time.
+    timeout: Option<Duration>,
+    /// The peer closed its end (seen by a non-blocking read).
+    eof: bool,
 }
 
 impl LineReader {
-    /// The next line without its terminator; `Ok(None)` at end of stream. A read timeout set on
-    /// the stream surfaces as `WouldBlock`/`TimedOut` with the partial line still buffered.
-    fn next_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+            timeout: None,
+            eof: false,
+        }
+    }
+
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        let pos = self.buf.iter().position(|&b| b == b'\n')?;
+        let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+        line.pop();
+        Some(line)
+    }
+
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 16384];
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-                line.pop();
-                return Ok(Some(line));
-            }
-            let mut chunk = [0u8; 8192];
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next line without its terminator, `Ok(None)` at end of stream, or `TimedOut` /
+    /// `WouldBlock` after `limit` with a partial line still buffered.
+    fn next_line_within(&mut self, limit: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        if let Some(line) = self.take_line() {
+            return Ok(Some(line));
+        }
+        // Whole milliseconds, rounded up: the same wait gives the same value, and a zero timeout
+        // would mean "block forever" to the socket.
+        let millis = limit.as_millis().clamp(1, u128::from(u32::MAX));
+        let timeout = Duration::from_millis(u64::try_from(millis).unwrap_or(u64::from(u32::MAX)));
+        if self.timeout != Some(timeout) {
+            self.stream.set_read_timeout(Some(timeout))?;
+            self.timeout = Some(timeout);
+        }
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.take_line() {
+                return Ok(Some(line));
+            }
+            if started.elapsed() >= limit {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            if self.fill()? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// A line QEMU has already sent, without blocking: `WouldBlock` when there is none yet.
+    fn next_line_available(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(line) = self.take_line() {
+                return Ok(Some(line));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            self.stream.set_nonblocking(true)?;
+            let filled = self.fill();
+            self.stream.set_nonblocking(false)?;
+            if filled? == 0 {
+                self.eof = true;
             }
         }
     }
@@ -148,18 +313,17 @@ impl LineReader {
 
 /// A connection to QEMU's QMP monitor.
 ///
-/// All methods take `&self`; a mutex serialises writes and the reader thread demultiplexes replies,
-/// so one connection can serve memory-layout queries, register reads and pause/resume from
-/// several threads.
+/// All methods take `&self`; a mutex serialises writes and the waiting callers share the reading
+/// (see the module documentation), so one connection can serve memory-layout queries, register
+/// reads and pause/resume from several threads.
 pub struct QmpClient {
     path: PathBuf,
     writer: Mutex<UnixStream>,
-    shared: Arc<Shared>,
+    shared: Shared,
     next_id: AtomicU64,
     timeout_ms: AtomicU64,
     greeting: Value,
     peer_pid: Option<u32>,
-    reader: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for QmpClient {
@@ -198,23 +362,10 @@ impl QmpClient {
         let read_half = stream
             .try_clone()
             .map_err(|e| Error::io("cloning the QMP socket", e))?;
-        let mut reader = LineReader {
-            stream: read_half,
-            buf: Vec::new(),
-        };
+        let mut reader = LineReader::new(read_half);
         let greeting = read_greeting(&mut reader, &path, greeting_timeout)?;
-        reader
-            .stream
-            .set_read_timeout(None)
-            .map_err(|e| Error::io("configuring the QMP socket", e))?;
-
-        let shared = Arc::new(Shared::default());
-        let thread_shared = Arc::clone(&shared);
-        let handle = std::thread::Builder::new()
-            .name("qmp-reader".into())
-            .spawn(move || reader_loop(reader, &thread_shared))
-            .map_err(|e| Error::io("starting the QMP reader thread", e))?;
-
+        let shared = Shared::default();
+        shared.lock().reader = Some(reader);
         let client = Self {
             path,
             writer: Mutex::new(stream),
@@ -223,7 +374,6 @@ impl QmpClient {
             timeout_ms: AtomicU64::new(millis(DEFAULT_COMMAND_TIMEOUT)),
             greeting,
             peer_pid,
-            reader: Some(handle),
         };
         client.execute("qmp_capabilities", Value::Null)?;
         Ok(client)
@@ -281,20 +431,19 @@ impl QmpClient {
         let mut line = msg.to_string();
         line.push('\n');
 
-        let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut st = self.shared.lock();
             if st.closed {
                 return Err(Error::Closed);
             }
-            st.pending.insert(id, tx);
+            st.waiting.insert(id);
         }
         let write_result = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.write_all(line.as_bytes())
         };
         if let Err(e) = write_result {
-            self.shared.lock().pending.remove(&id);
+            self.shared.lock().waiting.remove(&id);
             return Err(match e.kind() {
                 ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected => {
                     Error::Closed
@@ -314,10 +463,23 @@ impl QmpClient {
                 command.to_string()
             }
         };
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(reply)) => {
-                if let Some(ret) = reply.get("return") {
-                    Ok(ret.clone())
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        let reply = self.shared.wait_until(deadline, |st| {
+            if let Some(reply) = st.replies.remove(&id) {
+                Some(Ok(reply))
+            } else if st.closed {
+                Some(Err(Error::Closed))
+            } else {
+                None
+            }
+        });
+        self.shared.lock().waiting.remove(&id);
+        match reply {
+            Some(Ok(mut reply)) => {
+                if let Some(ret) = reply.get_mut("return") {
+                    Ok(ret.take())
                 } else if let Some(err) = reply.get("error") {
                     Err(Error::CommandFailed {
                         command: label(),
@@ -336,15 +498,11 @@ impl QmpClient {
                     Err(Error::protocol("QMP reply", reply.to_string()))
                 }
             }
-            Ok(Err(e)) => Err(e),
-            Err(RecvTimeoutError::Timeout) => {
-                self.shared.lock().pending.remove(&id);
-                Err(Error::Timeout {
-                    command: label(),
-                    secs: timeout.as_secs(),
-                })
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::Timeout {
+                command: label(),
+                secs: timeout.as_secs(),
+            }),
         }
     }
 
@@ -354,13 +512,18 @@ impl QmpClient {
             "human-monitor-command",
             json!({ "command-line": command_line }),
         )?;
-        out.as_str()
-            .map(str::to_string)
-            .ok_or_else(|| Error::protocol("human-monitor-command reply", out.to_string()))
+        match out {
+            Value::String(text) => Ok(text),
+            other => Err(Error::protocol(
+                "human-monitor-command reply",
+                other.to_string(),
+            )),
+        }
     }
 
-    /// Take the oldest queued event, if any.
+    /// Take the oldest event, if any has arrived.
     pub fn try_recv_event(&self) -> Option<QmpEvent> {
+        self.shared.drain_available();
         self.shared.lock().events.pop_front()
     }
 
@@ -380,30 +543,22 @@ impl QmpClient {
         timeout: Duration,
         want: impl Fn(&QmpEvent) -> bool,
     ) -> Option<QmpEvent> {
-        let deadline = Instant::now().checked_add(timeout);
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(pos) = st.events.iter().position(&want) {
-                return st.events.remove(pos);
-            }
-            let left = match deadline {
-                Some(d) => d.checked_duration_since(Instant::now())?,
-                None => Duration::from_secs(3600),
-            };
-            if left.is_zero() {
-                return None;
-            }
-            st = self
-                .shared
-                .event_ready
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        if timeout.is_zero() {
+            // No time to wait, but what has arrived still counts.
+            self.shared.drain_available();
         }
+        self.shared.wait_until(deadline, |st| {
+            let pos = st.events.iter().position(&want)?;
+            st.events.remove(pos)
+        })
     }
 
-    /// Take every queued event.
+    /// Take every event that has arrived.
     pub fn events(&self) -> Vec<QmpEvent> {
+        self.shared.drain_available();
         self.shared.lock().events.drain(..).collect()
     }
 
@@ -415,6 +570,7 @@ impl QmpClient {
     /// A counter bumped on every `RESUME` and `RESET` event. A cache of guest translations taken
     /// while paused is valid as long as this value has not changed.
     pub fn generation(&self) -> u64 {
+        self.shared.drain_available();
         self.shared.generation.load(Ordering::SeqCst)
     }
 
@@ -425,19 +581,8 @@ impl QmpClient {
 
     /// Whether QEMU has closed the connection.
     pub fn is_closed(&self) -> bool {
+        self.shared.drain_available();
         self.shared.lock().closed
-    }
-}
-
-impl Drop for QmpClient {
-    fn drop(&mut self) {
-        if let Ok(w) = self.writer.lock() {
-            // Unblocks the reader thread; the error (already closed) does not matter here.
-            let _ = w.shutdown(std::net::Shutdown::Both);
-        }
-        if let Some(h) = self.reader.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -450,11 +595,7 @@ fn read_greeting(reader: &mut LineReader, path: &Path, timeout: Duration) -> Res
         path: path.to_path_buf(),
         got,
     };
-    reader
-        .stream
-        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-        .map_err(|e| Error::io("configuring the QMP socket", e))?;
-    match reader.next_line() {
+    match reader.next_line_within(timeout.max(Duration::from_millis(1))) {
         Ok(Some(line)) => {
             let text = String::from_utf8_lossy(&line);
             let msg: Value = serde_json::from_str(text.trim())
@@ -491,29 +632,6 @@ fn nothing_received(buf: &[u8], timeout: Duration) -> String {
     }
 }
 
-fn reader_loop(mut reader: LineReader, shared: &Shared) {
-    // Any read error ends the connection just like EOF: either way no more replies can come.
-    while let Ok(Some(line)) = reader.next_line() {
-        let Ok(msg) = serde_json::from_slice::<Value>(&line) else {
-            // QEMU only sends JSON objects; a garbled line cannot be routed, and dropping it
-            // keeps the connection usable for everything else.
-            continue;
-        };
-        if let Some(event) = QmpEvent::from_message(&msg) {
-            shared.push_event(event);
-            continue;
-        }
-        let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-            continue;
-        };
-        let tx = shared.lock().pending.remove(&id);
-        if let Some(tx) = tx {
-            let _ = tx.try_send(Ok(msg));
-        }
-    }
-    shared.close();
-}
-
 /// PID of the peer of a connected unix socket, via SO_PEERCRED.
 fn peer_pid(stream: &UnixStream) -> Option<u32> {
     let mut cred = libc::ucred {
@@ -538,4 +656,174 @@ fn peer_pid(stream: &UnixStream) -> Option<u32> {
         return None;
     }
     u32::try_from(cred.pid).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted QMP server: the greeting, then for each request line the lines `answer`
+    /// returns (events and/or a reply echoing the request's id).
+    fn fake_qemu(
+        answer: impl Fn(&Value) -> Vec<Value> + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut out = stream.try_clone().unwrap();
+            writeln!(out, r#"{{"QMP": {{"version": {{"qemu": {{"major": 7, "minor": 2, "micro": 0}}}}, "capabilities": []}}}}"#).unwrap();
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let request: Value = serde_json::from_str(&line).unwrap();
+                for msg in answer(&request) {
+                    if writeln!(out, "{msg}").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (dir, path, server)
+    }
+
+    fn reply(request: &Value, ret: Value) -> Value {
+        json!({ "return": ret, "id": request["id"] })
+    }
+
+    fn event(name: &str) -> Value {
+        json!({ "event": name, "data": {}, "timestamp": { "seconds": 1, "microseconds": 2 } })
+    }
+
+    #[test]
+    fn replies_and_interleaved_events_are_routed() {
+        let (_dir, path, _server) = fake_qemu(|req| match req["execute"].as_str() {
+            Some("query-status") => vec![
+                event("STOP"),
+                reply(req, json!({ "status": "paused" })),
+                event("RESUME"),
+            ],
+            Some("bad") => {
+                vec![json!({ "error": { "class": "GenericError", "desc": "no" }, "id": req["id"] })]
+            }
+            _ => vec![reply(req, json!({}))],
+        });
+        let qmp = QmpClient::connect(&path).unwrap();
+        assert_eq!(qmp.qemu_version(), Some((7, 2, 0)));
+        let before = qmp.generation();
+        let status = qmp.execute("query-status", Value::Null).unwrap();
+        assert_eq!(status["status"], "paused");
+        let stop = qmp.wait_event(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            (stop.name.as_str(), stop.timestamp_us),
+            ("STOP", Some(1_000_002))
+        );
+        assert_eq!(
+            qmp.wait_for_event("RESUME", Duration::from_secs(5))
+                .unwrap()
+                .name,
+            "RESUME"
+        );
+        assert!(qmp.generation() > before);
+        let err = qmp.execute("bad", Value::Null).unwrap_err().to_string();
+        assert!(err.contains("GenericError") || err.contains("no"), "{err}");
+        assert!(qmp.wait_event(Duration::from_millis(50)).is_none());
+    }
+
+    #[test]
+    fn many_threads_share_one_connection() {
+        let (_dir, path, _server) = fake_qemu(|req| match req["execute"].as_str() {
+            Some("echo") => vec![event("TICK"), reply(req, req["arguments"]["n"].clone())],
+            _ => vec![reply(req, json!({}))],
+        });
+        let qmp = QmpClient::connect(&path).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let qmp = &qmp;
+                scope.spawn(move || {
+                    for i in 0..200u64 {
+                        let n = t * 1000 + i;
+                        let got = qmp.execute("echo", json!({ "n": n })).unwrap();
+                        assert_eq!(got.as_u64(), Some(n));
+                    }
+                });
+            }
+            // A thread waiting for an event all along takes part in the reading as well.
+            let qmp = &qmp;
+            scope.spawn(move || {
+                assert!(qmp
+                    .wait_for_event("NEVER", Duration::from_millis(300))
+                    .is_none());
+            });
+        });
+        assert_eq!(qmp.events().len(), 800);
+    }
+
+    #[test]
+    fn a_late_reply_is_not_taken_for_the_next_one_and_garbage_is_skipped() {
+        let (_dir, path, _server) = fake_qemu(|req| match req["execute"].as_str() {
+            Some("slow") => {
+                std::thread::sleep(Duration::from_millis(300));
+                vec![reply(req, json!("slow"))]
+            }
+            Some("garbled") => vec![json!("not json {"), reply(req, json!("after garbage"))],
+            _ => vec![reply(req, json!("ok"))],
+        });
+        let qmp = QmpClient::connect(&path).unwrap();
+        let err = qmp
+            .execute_with_timeout("slow", Value::Null, Duration::from_millis(100))
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert_eq!(qmp.execute("ok", Value::Null).unwrap(), json!("ok"));
+        assert_eq!(
+            qmp.execute("garbled", Value::Null).unwrap(),
+            json!("after garbage")
+        );
+    }
+
+    #[test]
+    fn the_end_of_the_connection_is_an_event_and_fails_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut out = stream.try_clone().unwrap();
+            writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut lines = std::io::BufReader::new(stream).lines();
+            let request: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            writeln!(out, "{}", reply(&request, json!({}))).unwrap();
+            writeln!(out, "{}", event("SHUTDOWN")).unwrap();
+            // Dropping both halves closes the connection.
+        });
+        let qmp = QmpClient::connect(&path).unwrap();
+        server.join().unwrap();
+        assert_eq!(
+            qmp.wait_event(Duration::from_secs(5)).unwrap().name,
+            "SHUTDOWN"
+        );
+        let closed = qmp.wait_event(Duration::from_secs(5)).unwrap();
+        assert!(closed.is_connection_closed());
+        assert!(qmp.is_closed());
+        assert!(matches!(
+            qmp.execute("query-status", Value::Null),
+            Err(Error::Closed)
+        ));
+    }
+
+    #[test]
+    fn a_silent_socket_is_not_qmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let _server = std::thread::spawn(move || {
+            let conn = listener.accept();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(conn);
+        });
+        let err = QmpClient::connect_with_timeout(&path, Duration::from_millis(100)).unwrap_err();
+        assert!(err.to_string().contains("nothing within"), "{err}");
+    }
 }
