@@ -73,6 +73,11 @@ pub(crate) struct TextState {
     pub regions: Vec<RegionState>,
     /// Regions the kernel lacks, and why they were skipped.
     pub skipped: Vec<String>,
+    /// The kernel's `page_offset_base` when the baseline was taken: with memory randomisation
+    /// it differs between boots even where the KASLR slide does not (absent from baselines
+    /// written before it was recorded, and on kernels without the variable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_offset_base: Option<u64>,
 }
 
 /// BTF offsets for the ftrace structures, found once.
@@ -100,8 +105,10 @@ struct StaticSites {
 /// What a check remembers between passes.
 #[derive(Debug, Default)]
 pub(crate) struct RegionCache {
-    /// Pages whose differences were all legitimate: (region, page address) → (bytes, changes).
-    pages: HashMap<(String, u64), (Vec<u8>, Vec<Change>)>,
+    /// Pages whose differences were all legitimate, per region: page address → (bytes,
+    /// changes). With the function tracer on nearly every text page differs; its changes are
+    /// shared, not copied, on each pass.
+    pages: HashMap<String, HashMap<u64, (Vec<u8>, PageChanges)>>,
     sites: Option<Arc<StaticSites>>,
     buf: Vec<u8>,
     /// ftrace trampolines seen on registered ops in recent passes, with when they were last
@@ -115,6 +122,9 @@ pub(crate) struct RegionCache {
 const TRAMPOLINE_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most trampolines remembered (a tracer switched on and off in a loop allocates new ones).
 const MAX_REMEMBERED_TRAMPOLINES: usize = 256;
+
+/// The classified changes of one page.
+pub(crate) type PageChanges = Arc<[Change]>;
 
 /// One classified change.
 #[derive(Clone, Debug)]
@@ -364,7 +374,8 @@ fn pass_sites(ctx: &Context<'_, '_>, cache: &mut RegionCache, slide_delta: u64) 
 }
 
 /// Compare `old` (the baseline copy) with the guest's bytes at `start` now; classify every
-/// difference. `slide_delta` is the KASLR slide now minus the slide at capture.
+/// difference, per page. `slide_delta` is the KASLR slide now minus the slide at capture.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn compare_region(
     ctx: &Context<'_, '_>,
     cache: &mut RegionCache,
@@ -373,7 +384,8 @@ pub(crate) fn compare_region(
     old: &[u8],
     code: bool,
     slide_delta: u64,
-) -> Result<Vec<Change>> {
+    boot_data: Option<(u64, u64)>,
+) -> Result<Vec<PageChanges>> {
     let len = u64::try_from(old.len()).unwrap_or(u64::MAX);
     let mem = ctx.kernel.memory();
     let mut space = ctx.kernel.space();
@@ -382,93 +394,108 @@ pub(crate) fn compare_region(
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut buf = std::mem::take(&mut cache.buf);
     buf.resize(BLOCK, 0);
-    // Pages that differ: (page address, offset in region, bytes now).
-    let mut dirty: Vec<(u64, usize, Vec<u8>)> = Vec::new();
-    for chunk in &chunks {
-        let chunk_off = usize::try_from(chunk.gva.0 - start).unwrap_or(usize::MAX);
-        let chunk_len = usize::try_from(chunk.len).unwrap_or(0);
-        let mut done = 0usize;
-        while done < chunk_len {
-            let n = BLOCK.min(chunk_len - done);
-            let gpa = chunk.gpa.0 + done as u64;
-            let now = &mut buf[..n];
-            mem.read_phys(kvmaccess_core::Gpa(gpa), now)?;
-            let region_off = chunk_off + done;
-            let base = old
-                .get(region_off..region_off + n)
-                .ok_or_else(|| Error::Implausible("region chunks exceed the region".into()))?;
-            if now != base {
-                // Split at 4 KiB page boundaries of the virtual address.
-                let mut p = 0usize;
-                while p < n {
-                    let gva = start + (region_off + p) as u64;
-                    let to_page_end = usize::try_from(PAGE - (gva % PAGE)).unwrap_or(n);
-                    let q = (p + to_page_end).min(n);
-                    if now[p..q] != base[p..q] {
-                        dirty.push((gva, region_off + p, now[p..q].to_vec()));
+    let mut known = cache.pages.remove(region).unwrap_or_default();
+    let mut changes: Vec<PageChanges> = Vec::new();
+    // Pages that differ and are not known: (page address, offset in region, bytes now).
+    let mut unknown: Vec<(u64, usize, Vec<u8>)> = Vec::new();
+    let mut scan = || -> Result<()> {
+        for chunk in &chunks {
+            let chunk_off = usize::try_from(chunk.gva.0 - start).unwrap_or(usize::MAX);
+            let chunk_len = usize::try_from(chunk.len).unwrap_or(0);
+            let mut done = 0usize;
+            while done < chunk_len {
+                let n = BLOCK.min(chunk_len - done);
+                let gpa = chunk.gpa.0 + done as u64;
+                let now = &mut buf[..n];
+                mem.read_phys(kvmaccess_core::Gpa(gpa), now)?;
+                let region_off = chunk_off + done;
+                let base = old
+                    .get(region_off..region_off + n)
+                    .ok_or_else(|| Error::Implausible("region chunks exceed the region".into()))?;
+                if now != base {
+                    // Split at 4 KiB page boundaries of the virtual address.
+                    let mut p = 0usize;
+                    while p < n {
+                        let gva = start + (region_off + p) as u64;
+                        let to_page_end = usize::try_from(PAGE - (gva % PAGE)).unwrap_or(n);
+                        let q = (p + to_page_end).min(n);
+                        if now[p..q] != base[p..q] {
+                            match known.get(&gva) {
+                                Some((bytes, page)) if bytes[..] == now[p..q] => {
+                                    changes.push(Arc::clone(page));
+                                }
+                                _ => unknown.push((gva, region_off + p, now[p..q].to_vec())),
+                            }
+                        }
+                        p = q;
                     }
-                    p = q;
                 }
+                done += n;
             }
-            done += n;
         }
-    }
+        Ok(())
+    };
+    let scanned = scan();
     cache.buf = buf;
-
-    let mut changes = Vec::new();
-    let mut sites: Option<Sites> = None;
-    for (gva, off, now) in dirty {
-        let key = (region.to_string(), gva);
-        if let Some((bytes, cached)) = cache.pages.get(&key) {
-            if *bytes == now {
-                changes.extend(cached.iter().cloned());
-                continue;
-            }
-        }
-        let sites = match &mut sites {
-            Some(s) => &*s,
-            None => &*sites.insert(pass_sites(ctx, cache, slide_delta)),
-        };
-        let base = &old[off..off + now.len()];
-        let mut page_changes: Vec<Change> = Vec::new();
-        let mut i = 0usize;
-        while i < now.len() {
-            if now[i] == base[i] {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < now.len() && now[j] != base[j] {
-                j += 1;
-            }
-            let pieces = if code {
-                patch::split_at_sites(sites, gva + i as u64, gva + j as u64)
-            } else {
-                vec![(gva + i as u64, gva + j as u64)]
-            };
-            for (run_start, run_end) in pieces {
-                let covered = page_changes.last().is_some_and(|c| {
-                    run_start >= c.verdict.site && run_end <= c.verdict.site + c.verdict.len as u64
-                });
-                if !covered {
-                    page_changes.push(classify_run(
-                        ctx, sites, start, old, run_start, run_end, code,
-                    )?);
-                }
-            }
-            i = j;
-        }
-        if page_changes
-            .iter()
-            .all(|c| c.verdict.severity == Severity::Info)
-        {
-            cache.pages.insert(key, (now, page_changes.clone()));
-        }
-        changes.extend(page_changes);
+    if let Err(e) = scanned {
+        cache.pages.insert(region.to_string(), known);
+        return Err(e);
     }
-    Ok(changes)
+
+    let mut sites: Option<Sites> = None;
+    let classified = || -> Result<()> {
+        for (gva, off, now) in unknown {
+            let sites = match &mut sites {
+                Some(s) => &*s,
+                None => &*sites.insert(pass_sites(ctx, cache, slide_delta)),
+            };
+            let base = &old[off..off + now.len()];
+            let mut page_changes: Vec<Change> = Vec::new();
+            let mut i = 0usize;
+            while i < now.len() {
+                if now[i] == base[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < now.len() && now[j] != base[j] {
+                    j += 1;
+                }
+                let pieces = if code {
+                    patch::split_at_sites(sites, gva + i as u64, gva + j as u64)
+                } else {
+                    vec![(gva + i as u64, gva + j as u64)]
+                };
+                for (run_start, run_end) in pieces {
+                    let covered = page_changes.last().is_some_and(|c| {
+                        run_start >= c.verdict.site
+                            && run_end <= c.verdict.site + c.verdict.len as u64
+                    });
+                    if !covered {
+                        page_changes.push(classify_run(
+                            ctx, sites, start, old, run_start, run_end, code, boot_data,
+                        )?);
+                    }
+                }
+                i = j;
+            }
+            let page: PageChanges = page_changes.into();
+            if page.iter().all(|c| c.verdict.severity == Severity::Info) {
+                known.insert(gva, (now, Arc::clone(&page)));
+            } else {
+                // A page that held an alarm is classified again next pass.
+                known.remove(&gva);
+            }
+            changes.push(page);
+        }
+        Ok(())
+    };
+    let result = classified();
+    cache.pages.insert(region.to_string(), known);
+    result.map(|()| changes)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn classify_run(
     ctx: &Context<'_, '_>,
     sites: &Sites,
@@ -477,6 +504,7 @@ fn classify_run(
     run_start: u64,
     run_end: u64,
     code: bool,
+    boot_data: Option<(u64, u64)>,
 ) -> Result<Change> {
     let region_end = region_start + old.len() as u64;
     let win_start = run_start.saturating_sub(CONTEXT).max(region_start);
@@ -494,7 +522,7 @@ fn classify_run(
     let verdict = if code {
         patch::classify(sites, &ctx.map, &window, run_start, run_end)
     } else {
-        classify_data(ctx, sites, &window, run_start, run_end)
+        classify_data(ctx, sites, &window, run_start, run_end, boot_data)
     };
     let a = usize::try_from(verdict.site.saturating_sub(win_start)).unwrap_or(0);
     let b = (a + verdict.len).min(len);
@@ -505,13 +533,15 @@ fn classify_run(
     })
 }
 
-/// A change in read-only data: relocation, or a pointer that now points elsewhere.
+/// A change in read-only data: relocation, another boot's boot-time data, or a pointer that
+/// now points elsewhere.
 fn classify_data(
     ctx: &Context<'_, '_>,
     sites: &Sites,
     window: &Window<'_>,
     start: u64,
     end: u64,
+    boot_data: Option<(u64, u64)>,
 ) -> Verdict {
     let data_sites = Sites {
         slide_delta: sites.slide_delta,
@@ -520,6 +550,18 @@ fn classify_data(
     let v = patch::classify(&data_sites, &ctx.map, window, start, end);
     if v.class == "kaslr-relocation" {
         return v;
+    }
+    if boot_data.is_some_and(|(lo, hi)| lo <= start && end <= hi)
+        && !held_code_pointer(ctx, window, start, end, sites.slide_delta)
+    {
+        return Verdict {
+            class: "boot-data",
+            severity: Severity::Info,
+            site: start,
+            len: usize::try_from(end - start).unwrap_or(0),
+            insn: None,
+            detail: "boot-time data of another boot".into(),
+        };
     }
     let slot = start & !7;
     let at = usize::try_from(slot.saturating_sub(window.gva)).unwrap_or(0);
@@ -562,17 +604,73 @@ fn classify_data(
     }
 }
 
+/// The kernel's `page_offset_base` (the direct map's start) now.
+fn live_page_offset_base(ctx: &Context<'_, '_>) -> Option<u64> {
+    let at = ctx.kernel.symbol("page_offset_base").ok()?;
+    read_u64(ctx, at).ok()
+}
+
+/// The kernel's `__ro_after_init` data when the running kernel is another boot than the
+/// baseline's, else `None`.
+///
+/// The kernel writes that data during boot and only then makes it read-only, so from one boot
+/// to the next it legitimately differs: pointers into the direct map and slab caches, CPU
+/// features found, values chosen at random. Within one boot it never changes, and every byte of
+/// it is compared as usual.
+fn boot_data_range(
+    ctx: &Context<'_, '_>,
+    state: &TextState,
+    slide_delta: u64,
+) -> Option<(u64, u64)> {
+    let direct_map_moved = matches!(
+        (state.page_offset_base, live_page_offset_base(ctx)),
+        (Some(then), Some(now)) if then != now
+    );
+    if slide_delta == 0 && !direct_map_moved {
+        return None;
+    }
+    let start = ctx.kernel.symbol("__start_ro_after_init").ok()?;
+    let end = ctx.kernel.symbol("__end_ro_after_init").ok()?;
+    (start < end).then_some((start, end))
+}
+
+/// Whether an 8-byte slot overlapping `start..end` held a pointer into kernel code in the
+/// baseline: function pointers the kernel installs at boot (security hooks, operations
+/// tables) must point at the same functions in every boot, so their changes stay alarms.
+fn held_code_pointer(
+    ctx: &Context<'_, '_>,
+    window: &Window<'_>,
+    start: u64,
+    end: u64,
+    slide_delta: u64,
+) -> bool {
+    let mut slot = start & !7;
+    while slot < end {
+        let at = usize::try_from(slot.saturating_sub(window.gva)).unwrap_or(usize::MAX);
+        let old = window
+            .old
+            .get(at..at.saturating_add(8))
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes);
+        if old.is_some_and(|o| ctx.map.owner(o.wrapping_add(slide_delta)).is_kernel_text()) {
+            return true;
+        }
+        slot += 8;
+    }
+    false
+}
+
 /// Findings for a region's changes: one per alarm, one summary per kind of state change.
 pub(crate) fn report(
     ctx: &Context<'_, '_>,
     check: &'static str,
     region: &str,
     start: u64,
-    changes: &[Change],
+    changes: &[PageChanges],
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut info: Vec<(&'static str, Vec<&Change>)> = Vec::new();
-    for c in changes {
+    for c in changes.iter().flat_map(|page| page.iter()) {
         if c.verdict.severity == Severity::Info {
             match info.iter_mut().find(|(k, _)| *k == c.verdict.class) {
                 Some((_, v)) => v.push(c),
@@ -641,6 +739,11 @@ pub(crate) fn report(
             "kaslr-relocation" => "the baseline came from a boot with another KASLR slide; \
                                    these bytes are the same code relocated (take a new baseline \
                                    to compare at full speed)"
+                .into(),
+            "boot-data" => "the baseline came from another boot: data the kernel writes once \
+                            while booting and then makes read-only (__ro_after_init: direct-map \
+                            pointers, caches, CPU features) differs between boots; pointers \
+                            into kernel code there are still compared"
                 .into(),
             _ => "legitimate state change".into(),
         };
@@ -712,6 +815,7 @@ impl Check for TextCheck {
         let mut state = TextState {
             regions: Vec::new(),
             skipped: Vec::new(),
+            page_offset_base: live_page_offset_base(ctx),
         };
         let mut spans: Vec<(u64, u64)> = Vec::new();
         for &(name, start_sym, end_sym) in REGIONS {
@@ -765,6 +869,7 @@ impl Check for TextCheck {
             .layout()
             .kaslr_offset
             .wrapping_sub(baseline.baseline.kaslr_offset);
+        let boot_data = boot_data_range(ctx, &state, delta);
         let lens: Vec<u64> = state.regions.iter().map(|r| r.len).collect();
         let plan = self.plan(&lens);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -792,6 +897,7 @@ impl Check for TextCheck {
                     slice,
                     region.code,
                     delta,
+                    boot_data,
                 )?);
             }
             out.extend(report(ctx, "text", &region.name, start, &changes));
