@@ -6,6 +6,9 @@ SHELL := /bin/bash
 CACHE := $(CURDIR)/.cache
 GUEST_DIR := $(CACHE)/guest
 export KVMACCESS_GUEST_DIR := $(GUEST_DIR)
+# The guest kernel's Debian debug vmlinux, DWARF only, and its .BTF (scripts/vmlinux-dbg.sh).
+VMLINUX_DBG_DIR := $(CACHE)/vmlinux-dbg
+export KVMACCESS_VMLINUX_DBG_DIR := $(VMLINUX_DBG_DIR)
 CARGO ?= cargo
 CARGO_BIN := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
@@ -14,7 +17,7 @@ ACCEL ?= auto
 FUZZ_SECONDS ?= 15
 
 .PHONY: all build release test unit lint deny guest deps host-packages cargo-tools demo bench \
-        fuzz-smoke clean clean-guest volatility
+        fuzz-smoke clean clean-guest volatility vmlinux-dbg
 
 all: build
 
@@ -39,6 +42,11 @@ deps: host-packages cargo-tools
 guest: host-packages
 	@guest/build-guest.sh $(GUEST_DIR)
 
+# The DWARF-to-BTF converter is checked against the real kernel: its debug vmlinux (a 300 MB
+# download, once) without .BTF, and that .BTF as the reference.
+vmlinux-dbg: guest
+	@scripts/vmlinux-dbg.sh $(VMLINUX_DBG_DIR)
+
 # Volatility 3 from PyPI in a private venv: the real-guest tests use it as an oracle for the
 # exported ISF.
 volatility:
@@ -61,7 +69,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 # Real-guest tests boot QEMU; they fail (never skip) when the guest is missing, so `guest` runs first.
-test: deps guest volatility lint deny
+test: deps guest vmlinux-dbg volatility lint deny
 	$(CARGO) test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
 
@@ -83,4 +91,4 @@ clean:
 	$(CARGO) clean
 
 clean-guest:
-	rm -rf $(GUEST_DIR)
+	rm -rf $(GUEST_DIR) $(VMLINUX_DBG_DIR)

@@ -1,5 +1,8 @@
-//! A minimal BTF encoder for tests: builds well-formed (or, through [`BtfBuilder::raw`] and
-//! [`BtfBuilder::build_with`], deliberately malformed) blobs. It does no validation.
+//! A minimal BTF encoder: builds well-formed (or, through [`BtfBuilder::raw`] and
+//! [`BtfBuilder::build_with`], deliberately malformed) blobs. It does no validation; callers
+//! that encode untrusted data (the DWARF converter) check ranges before calling it.
+
+use std::collections::HashMap;
 
 use crate::TypeId;
 
@@ -23,6 +26,9 @@ pub struct HeaderOverride {
 #[derive(Debug, Clone)]
 pub struct BtfBuilder {
     strings: Vec<u8>,
+    /// Offsets of the names added so far: a whole kernel repeats member names like `next` or
+    /// `list` hundreds of thousands of times.
+    string_offsets: HashMap<String, u32>,
     types: Vec<u8>,
     next: u32,
 }
@@ -38,6 +44,7 @@ impl BtfBuilder {
     pub fn new() -> Self {
         BtfBuilder {
             strings: vec![0],
+            string_offsets: HashMap::new(),
             types: Vec::new(),
             next: 1,
         }
@@ -48,14 +55,19 @@ impl BtfBuilder {
         TypeId(self.next)
     }
 
-    /// Adds a string (no deduplication) and returns its offset; "" is offset 0.
+    /// Adds a string (once: a repeated string gets its first offset) and returns its offset;
+    /// "" is offset 0.
     pub fn string(&mut self, s: &str) -> u32 {
         if s.is_empty() {
             return 0;
         }
+        if let Some(&off) = self.string_offsets.get(s) {
+            return off;
+        }
         let off = u32::try_from(self.strings.len()).unwrap_or(u32::MAX);
         self.strings.extend_from_slice(s.as_bytes());
         self.strings.push(0);
+        self.string_offsets.insert(s.to_owned(), off);
         off
     }
 
@@ -97,6 +109,21 @@ impl BtfBuilder {
     pub fn int(&mut self, name: &str, size: u32, signed: bool) -> TypeId {
         let enc = u32::from(signed) << 24 | size.saturating_mul(8).min(255);
         self.raw(name, 1, false, 0, size, &[enc])
+    }
+
+    /// `BTF_KIND_INT` of `size` bytes and `bits` value bits with explicit encoding flags
+    /// (`BTF_INT_SIGNED`, `BTF_INT_CHAR`, `BTF_INT_BOOL`).
+    pub fn int_encoded(
+        &mut self,
+        name: &str,
+        size: u32,
+        bits: u8,
+        signed: bool,
+        is_char: bool,
+        is_bool: bool,
+    ) -> TypeId {
+        let encoding = u32::from(signed) | u32::from(is_char) << 1 | u32::from(is_bool) << 2;
+        self.raw(name, 1, false, 0, size, &[encoding << 24 | u32::from(bits)])
     }
 
     /// `char` (signed, `BTF_INT_CHAR`).

@@ -85,6 +85,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The DWARF of a vmlinux given by the user could not be converted to types.
+    #[error("vmlinux {path}: converting its DWARF types: {source}")]
+    Dwarf {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The converter's error.
+        #[source]
+        source: kvmaccess_dwarf::Error,
+    },
     /// The kernel's BTF has no type of this name.
     #[error("kernel types: no struct, union or typedef named {0}")]
     BtfMissingType(String),

@@ -1,12 +1,15 @@
-//! A vmlinux ELF given by the user: its symbol table (like a System.map) and its `.BTF` section
-//! (types for kernels whose image in guest memory has none).
+//! A vmlinux ELF given by the user: its symbol table (like a System.map) and its types (for
+//! kernels whose image in guest memory has no BTF): the `.BTF` section when it has one, else its
+//! DWARF converted to BTF.
 //!
 //! The file is read on demand through `object`'s read cache, so a 600 MB debug vmlinux is not
-//! loaded whole; only the symbol and string tables and the BTF section are read.
+//! loaded whole: opening it reads only the symbol and string tables and the BTF section; the
+//! DWARF sections are read (and converted, a few seconds) only when types are asked for.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use object::read::ReadCache;
 use object::{Object, ObjectSection, ObjectSymbol, SectionFlags, SectionKind, SymbolKind};
@@ -28,7 +31,7 @@ pub struct Vmlinux {
     pub system_map: SystemMap,
     /// The `.BTF` section, when the kernel was built with CONFIG_DEBUG_INFO_BTF.
     pub btf: Option<Vec<u8>>,
-    /// Whether it carries DWARF (`.debug_info`).
+    /// Whether it carries DWARF (`.debug_info`), converted to types when there is no `.BTF`.
     pub has_dwarf: bool,
 }
 
@@ -96,37 +99,59 @@ impl Vmlinux {
             }
             None => None,
         };
-        if symbols.is_empty() && btf.is_none() {
+        let has_dwarf = elf.section_by_name(".debug_info").is_some();
+        if symbols.is_empty() && btf.is_none() && !has_dwarf {
             return Err(bad(
-                "it has neither a symbol table nor a .BTF section (stripped?)".to_string(),
+                "it has neither a symbol table nor types (.BTF or DWARF): stripped?".to_string(),
             ));
         }
         Ok(Self {
             path: path.to_path_buf(),
             system_map: SystemMap { symbols },
             btf,
-            has_dwarf: elf.section_by_name(".debug_info").is_some(),
+            has_dwarf,
         })
     }
 
-    /// The kernel types from the `.BTF` section, or an error saying what the file lacks.
+    /// The kernel types: from the `.BTF` section, else converted from the DWARF sections, else
+    /// an error saying what the file lacks.
     pub fn types(&self) -> Result<KernelTypes> {
-        let Some(bytes) = &self.btf else {
-            let why = if self.has_dwarf {
-                "it has DWARF but no .BTF section; kvmaccess reads kernel types from BTF \
-                 (DWARF types are not supported yet)"
-            } else {
-                "it has neither a .BTF section nor DWARF"
-            };
+        if let Some(bytes) = &self.btf {
+            return KernelTypes::from_btf_bytes(bytes, &self.types_origin());
+        }
+        if !self.has_dwarf {
             return Err(Error::Vmlinux {
                 path: self.path.clone(),
-                reason: why.to_string(),
+                reason: "it has neither a .BTF section nor DWARF (.debug_info); a vmlinux with \
+                         types is the one in the kernel's debug package"
+                    .to_string(),
             });
-        };
-        KernelTypes::from_btf_bytes(
-            bytes,
-            &format!("the .BTF section of {}", self.path.display()),
-        )
+        }
+        let started = Instant::now();
+        let file = File::open(&self.path).map_err(|e| Error::Vmlinux {
+            path: self.path.clone(),
+            reason: format!("cannot open it: {e}"),
+        })?;
+        let cache = ReadCache::new(file);
+        let conversion = kvmaccess_dwarf::btf_from_elf(&cache).map_err(|source| Error::Dwarf {
+            path: self.path.clone(),
+            source,
+        })?;
+        // The read cache holds the DWARF sections (150 MB for a distribution kernel): gone
+        // before the types are parsed.
+        drop(cache);
+        let mut types = KernelTypes::from_btf_bytes(&conversion.btf, &self.types_origin())?;
+        types.elapsed = started.elapsed();
+        Ok(types)
+    }
+
+    /// Where [`types`](Self::types) takes the types from, for provenance reports.
+    pub fn types_origin(&self) -> String {
+        match (&self.btf, self.has_dwarf) {
+            (Some(_), _) => format!("the .BTF section of {}", self.path.display()),
+            (None, true) => format!("the DWARF of {} (converted to BTF)", self.path.display()),
+            (None, false) => format!("{} (which has no types)", self.path.display()),
+        }
     }
 }
 
@@ -214,6 +239,53 @@ mod tests {
         assert!(names.contains(&("_stext", 0x10, 'T')), "{names:?}");
         assert!(names.contains(&("local_helper", 0x20, 't')), "{names:?}");
         assert_eq!(vmlinux.types().unwrap().btf.type_count(), 0);
+    }
+
+    /// A real compiler's DWARF, from an executable that has no .BTF: the types come from DWARF
+    /// and say so, and a broken .debug_info is an error naming the file.
+    #[test]
+    fn dwarf_types_when_there_is_no_btf() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("k.c");
+        std::fs::write(
+            &src,
+            "struct list_head { struct list_head *next, *prev; };\n\
+             struct task_struct { int pid; char comm[16]; struct list_head tasks; };\n\
+             struct task_struct init_task;\n\
+             int main(void) { return init_task.pid; }\n",
+        )
+        .unwrap();
+        let exe = dir.path().join("vmlinux");
+        let status = std::process::Command::new("cc")
+            .args(["-g", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .expect("running cc (the Makefile installs gcc)");
+        assert!(status.success());
+        let vmlinux = Vmlinux::open(&exe).unwrap();
+        assert!(vmlinux.btf.is_none() && vmlinux.has_dwarf);
+        assert!(vmlinux.types_origin().contains("DWARF"));
+        let types = vmlinux.types().unwrap();
+        assert_eq!(types.offset_of("task_struct", "tasks").unwrap(), 24);
+        assert_eq!(types.offset_of("task_struct", "comm").unwrap(), 4);
+        assert_eq!(types.size_of("task_struct").unwrap(), 40);
+
+        // The same file with its .debug_info overwritten by junk.
+        let mut bytes = std::fs::read(&exe).unwrap();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let (offset, size) = elf
+            .section_by_name(".debug_info")
+            .unwrap()
+            .file_range()
+            .unwrap();
+        drop(elf);
+        let range = usize::try_from(offset).unwrap()..usize::try_from(offset + size).unwrap();
+        bytes[range].fill(0xff);
+        std::fs::write(&exe, &bytes).unwrap();
+        let e = Vmlinux::open(&exe).unwrap().types().unwrap_err();
+        assert!(matches!(e, Error::Dwarf { .. }), "{e}");
+        assert!(e.to_string().contains("vmlinux"), "{e}");
     }
 
     #[test]
