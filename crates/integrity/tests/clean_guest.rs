@@ -3,33 +3,25 @@
 //! (processes, ftrace on and off, a static key), then an attack written from outside, its
 //! findings, the restore and a clean pass again. Prints the CPU time of each check per pass.
 //!
-//! The guest is `make guest`'s kernel and initramfs, found through `KVMACCESS_GUEST_DIR`
-//! (default `<workspace>/.cache/guest`). Missing files fail the test: it is never skipped.
+//! The guest is `make guest`'s kernel and initramfs (see `kvmaccess-guestlab`). Missing files
+//! fail the test: it is never skipped.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kvmaccess_core::{PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::GuestSpec;
 use kvmaccess_integrity::{
     apply_write, capture_baseline, restore_plan, run_checks, Baseline, CheckSet, Context, Finding,
     ModuleSpan, Report, Restore, Severity, Write, CEA_RO_IDT,
 };
 use kvmaccess_linux::{DiscoverOptions, Kernel, ModuleOffsets};
-use kvmaccess_qemu::{Accel, AttachOptions, LaunchConfig, QemuVm};
+use kvmaccess_qemu::{AttachOptions, QemuVm};
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Switching the function tracer under emulation is slow, not wrong.
 const TRACER_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"))
-}
 
 fn modules(kernel: &Kernel<'_>) -> Vec<ModuleSpan> {
     let types = kernel.load_types().unwrap();
@@ -114,30 +106,10 @@ fn measure(
 
 #[test]
 fn clean_guest_stays_clean_attacks_are_found_and_restored() {
-    let dir = guest_dir();
-    let (kernel_file, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel_file.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel_file.display(),
-        initrd.display()
-    );
-    let run = tempfile::Builder::new()
-        .prefix("kvi")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut cfg = LaunchConfig::new(kernel_file, run.path());
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
     // One vCPU: switching the function tracer patches ~35,000 call sites and waits for every
     // vCPU after each batch; emulated vCPUs competing for two host cores made that take minutes
     // (soft lockups in CI). Several vCPUs are covered by the CLI's attack tests.
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    cfg.append = "console=ttyS0 panic=-1 quiet".to_string();
-    let mut guest = cfg.launch().unwrap();
-    guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
+    let mut guest = GuestSpec::default().smp(1).boot();
     let vm = guest
         .attach_with(AttachOptions {
             allow_write: true,
@@ -174,7 +146,7 @@ fn clean_guest_stays_clean_attacks_are_found_and_restored() {
         baseline.blobs.len(),
         baseline.blobs.iter().map(|b| b.len).sum::<u64>()
     );
-    let file = run.path().join("baseline.json");
+    let file = guest.run_dir().join("baseline.json");
     baseline.save(&file).unwrap();
     let baseline = Baseline::load(&file).unwrap();
     let idt_state = &baseline.checks["idt"];

@@ -10,29 +10,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kvmaccess_core::{PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::GuestSpec;
 use kvmaccess_integrity::{
     capture_baseline, run_checks, Baseline, CheckSet, Context, Finding, ModuleSpan, Report,
     Severity,
 };
 use kvmaccess_linux::{DiscoverOptions, Kernel, KernelTypes, ModuleOffsets};
-use kvmaccess_qemu::{Accel, Console, LaunchConfig, QemuVm};
+use kvmaccess_qemu::{Console, QemuVm};
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Switching the function tracer under emulation is slow, not wrong.
 const TRACER_TIMEOUT: Duration = Duration::from_secs(600);
 const KO: &str = "/lib/modules/kvma_attack.ko";
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"))
-}
 
 struct Monitor<'k, 'm> {
     kernel: &'k Kernel<'m>,
@@ -90,29 +82,9 @@ fn sh(console: &mut Console, cmd: &str) -> String {
 
 #[test]
 fn hidden_modules_processes_and_ftrace_hooks_are_found() {
-    let dir = guest_dir();
-    let (kernel_file, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel_file.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel_file.display(),
-        initrd.display()
-    );
-    let run = tempfile::Builder::new()
-        .prefix("kvv")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut cfg = LaunchConfig::new(kernel_file, run.path());
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
     // One vCPU: switching the function tracer patches ~35,000 call sites and waits for every
     // vCPU after each batch; emulated vCPUs competing for two host cores made that take minutes.
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    cfg.append = "console=ttyS0 panic=-1 quiet".to_string();
-    let mut guest = cfg.launch().unwrap();
-    guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
+    let mut guest = GuestSpec::default().smp(1).boot();
     let vm = guest.attach().unwrap();
     let mut console = guest.console().unwrap();
     sh(&mut console, &format!("test -f {KO}"));

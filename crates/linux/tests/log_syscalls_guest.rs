@@ -2,29 +2,17 @@
 //! kernel under QEMU/TCG), checked against the guest's own `dmesg` and `/proc/kallsyms`.
 //!
 //! The guest is `make guest`'s kernel and initramfs, found through `KVMACCESS_GUEST_DIR`
-//! (default `<workspace>/.cache/guest`). Missing files fail the test: it is never skipped.
+//! (default `<workspace>/.cache/guest`; see `kvmaccess-guestlab`). Missing files fail the test: it is never skipped.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvmaccess_core::{PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::{one_qemu_at_a_time, GuestSpec};
 use kvmaccess_linux::{DiscoverOptions, Kernel, SyscallResolver};
-use kvmaccess_qemu::{Accel, LaunchConfig};
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-static ONE_QEMU: Mutex<()> = Mutex::new(());
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"))
-}
 
 /// Median of `runs` timings of `work`.
 fn median(runs: usize, mut work: impl FnMut()) -> Duration {
@@ -41,29 +29,10 @@ fn median(runs: usize, mut work: impl FnMut()) -> Duration {
 
 #[test]
 fn dmesg_and_syscall_tables_match_the_guest() {
-    let _one = ONE_QEMU.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = guest_dir();
-    let (kernel_file, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel_file.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel_file.display(),
-        initrd.display()
-    );
-    let run = tempfile::Builder::new()
-        .prefix("kvd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut cfg = LaunchConfig::new(kernel_file, run.path());
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    // `quiet` keeps level-4+ records off the serial console the test talks through.
-    cfg.append = "console=ttyS0 panic=-1 quiet".to_string();
-    let mut guest = cfg.launch().unwrap();
-    guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
+    let _one = one_qemu_at_a_time();
+    // `quiet` (the default) keeps level-4+ records off the serial console the test talks
+    // through.
+    let mut guest = GuestSpec::default().boot();
     let vm = guest.attach().unwrap();
     let kernel = Kernel::discover(
         &vm as &dyn PhysicalMemory,

@@ -3,59 +3,32 @@
 //! `/proc`.
 //!
 //! The guest is `make guest`'s kernel and initramfs, found through `KVMACCESS_GUEST_DIR`
-//! (default `<workspace>/.cache/guest`). Missing files fail the tests: they are never skipped.
+//! (default `<workspace>/.cache/guest`; see `kvmaccess-guestlab`). Missing files fail the tests: they are never skipped.
 //! Tests boot one QEMU at a time (the machine may have two cores).
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvmaccess_core::{Gva, PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::{one_qemu_at_a_time, GuestSpec, TestGuest};
 use kvmaccess_linux::{
     DiscoverOptions, Kernel, KernelSection, ModuleOffsets, ModuleRegionKind, Owner, TaskOffsets,
 };
-use kvmaccess_qemu::{Accel, Console, Guest, LaunchConfig};
+use kvmaccess_qemu::Console;
 use kvmaccess_x86::PagingMode;
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 const MARKER: &str = "KVMA_USER_MARKER_0123456789";
 
-static ONE_QEMU: Mutex<()> = Mutex::new(());
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"))
-}
-
-fn boot(no5lvl: bool, run: &Path) -> Guest {
-    let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel.display(),
-        initrd.display()
-    );
-    let mut cfg = LaunchConfig::new(kernel, run);
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    cfg.append = "console=ttyS0 panic=-1 quiet".to_string();
+fn boot(no5lvl: bool) -> TestGuest {
+    let spec = GuestSpec::default();
     if no5lvl {
-        cfg.append.push_str(" no5lvl");
+        spec.append("no5lvl").boot()
+    } else {
+        spec.boot()
     }
-    let guest = cfg.launch().unwrap();
-    let line = guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
-    assert!(line.contains(READY), "{line}");
-    guest
 }
 
 /// Long-lived marker processes: their command names are set through /proc so that busybox
@@ -135,12 +108,8 @@ fn discover(vm: &kvmaccess_qemu::QemuVm) -> Kernel<'_> {
 }
 
 fn check_tasks_and_user_memory(no5lvl: bool) {
-    let _one = ONE_QEMU.lock().unwrap_or_else(|p| p.into_inner());
-    let run = tempfile::Builder::new()
-        .prefix("kvo")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut guest = boot(no5lvl, run.path());
+    let _one = one_qemu_at_a_time();
+    let mut guest = boot(no5lvl);
     let vm = guest.attach().unwrap();
     let kernel = discover(&vm);
     assert_eq!(
@@ -250,12 +219,8 @@ fn tasks_and_user_memory_4_level() {
 
 #[test]
 fn modules_symbols_owners_and_ps_timing_5_level() {
-    let _one = ONE_QEMU.lock().unwrap_or_else(|p| p.into_inner());
-    let run = tempfile::Builder::new()
-        .prefix("kvo")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut guest = boot(false, run.path());
+    let _one = one_qemu_at_a_time();
+    let mut guest = boot(false);
     let vm = guest.attach().unwrap();
     let mut kernel = discover(&vm);
     let types = kernel.load_types().unwrap();

@@ -2,35 +2,23 @@
 //! checked against the guest's own /proc/kallsyms.
 //!
 //! The guest is `make guest`'s kernel and initramfs, found through `KVMACCESS_GUEST_DIR`
-//! (default `<workspace>/.cache/guest`). Missing files fail the tests: they are never skipped.
+//! (default `<workspace>/.cache/guest`; see `kvmaccess-guestlab`). Missing files fail the tests: they are never skipped.
 //! Tests boot one QEMU at a time (the machine may have two cores).
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use kvmaccess_core::{PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::{one_qemu_at_a_time, GuestSpec};
 use kvmaccess_linux::{DiscoverOptions, Kernel, SymbolSource, VmcoreinfoSource};
-use kvmaccess_qemu::{Accel, LaunchConfig};
 use kvmaccess_x86::PagingMode;
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// gzip + base64 of /proc/kallsyms takes ~7 s under TCG; the raw text ~40 s.
 const KALLSYMS_TIMEOUT: Duration = Duration::from_secs(180);
-
-static ONE_QEMU: Mutex<()> = Mutex::new(());
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"))
-}
 
 /// What one boot yields for the comparisons.
 struct BootResult {
@@ -38,32 +26,13 @@ struct BootResult {
 }
 
 fn boot_and_check(no5lvl: bool) -> BootResult {
-    let _one = ONE_QEMU.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel.display(),
-        initrd.display()
-    );
-    let run = tempfile::Builder::new()
-        .prefix("kvl")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut cfg = LaunchConfig::new(kernel, run.path());
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    cfg.append = "console=ttyS0 panic=-1 quiet".to_string();
-    if no5lvl {
-        cfg.append.push_str(" no5lvl");
-    }
-    let mut guest = cfg.launch().unwrap();
-    let line = guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
-    assert!(line.contains(READY), "{line}");
+    let _one = one_qemu_at_a_time();
+    let spec = GuestSpec::default();
+    let mut guest = if no5lvl {
+        spec.append("no5lvl").boot()
+    } else {
+        spec.boot()
+    };
     let vm = guest.attach().unwrap();
 
     let started = Instant::now();

@@ -16,24 +16,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmaccess_core::{PhysicalMemory, VcpuState};
+use kvmaccess_guestlab::GuestSpec;
 use kvmaccess_linux::{DiscoverOptions, Isf, Kernel, TaskOffsets};
-use kvmaccess_qemu::{Accel, LaunchConfig};
 use kvmaccess_x86::PagingMode;
 use serde_json::Value;
 
-const READY: &str = "KVMACCESS-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const MARKER: &str = "kvma_vol_marker";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KVMACCESS_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".cache/guest"))
 }
 
 fn vol_binary() -> PathBuf {
@@ -135,28 +127,7 @@ fn run_plugin(
 #[test]
 fn volatility_reads_the_exported_isf_and_lists_the_same_tasks() {
     let vol = vol_binary();
-    let dir = guest_dir();
-    let (kernel_image, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel_image.is_file() && initrd.is_file(),
-        "test guest missing: {} and {} must exist; run `make guest` (or set KVMACCESS_GUEST_DIR)",
-        kernel_image.display(),
-        initrd.display()
-    );
-    // Short path: QEMU's unix sockets live in the run directory.
-    let run = tempfile::Builder::new()
-        .prefix("kvv")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut cfg = LaunchConfig::new(kernel_image, run.path());
-    cfg.initrd = Some(initrd);
-    cfg.accel = Accel::Tcg;
-    cfg.cpu = "max".to_string();
-    cfg.smp = 1;
-    cfg.mem_bytes = 512 << 20;
-    cfg.append = "console=ttyS0 panic=-1 quiet no5lvl".to_string();
-    let mut guest = cfg.launch().unwrap();
-    guest.wait_for_console(READY, BOOT_TIMEOUT).unwrap();
+    let mut guest = GuestSpec::default().append("no5lvl").boot();
 
     // Long-lived marker processes. A copy of busybox would not do: busybox picks its applet by
     // argv[0], and "kvma_vol_marker" is none. A script keeps its own name as comm while its

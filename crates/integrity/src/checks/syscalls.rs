@@ -254,7 +254,8 @@ impl Check for SyscallCheck {
             let start = ctx.map.decode(&region.start).ok_or_else(|| {
                 Error::Implausible(format!("{}: {} not found", region.name, region.start))
             })?;
-            let changes = compare_region(ctx, &mut cache, &region.name, start, old, true, delta)?;
+            let changes =
+                compare_region(ctx, &mut cache, &region.name, start, old, true, delta, None)?;
             out.extend(report(ctx, "syscalls", &region.name, start, &changes));
         }
         Ok(out)
