@@ -87,6 +87,8 @@ struct InfoReport<'a> {
     btf_bytes: Option<u64>,
     btf_types: Option<usize>,
     btf_error: Option<String>,
+    /// Where the types came from (guest memory, or the --vmlinux file's .BTF or DWARF).
+    types_origin: Option<&'a str>,
     provenance: &'a kvmaccess_linux::Provenance,
 }
 
@@ -107,6 +109,7 @@ pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
         btf_bytes: types.as_ref().ok().map(|t| t.bytes),
         btf_types: types.as_ref().ok().map(|t| t.btf.type_count()),
         btf_error: types.as_ref().err().map(ToString::to_string),
+        types_origin: types.as_ref().ok().map(|t| t.origin.as_str()),
         provenance: kernel.provenance(),
     };
     if json {
@@ -131,9 +134,10 @@ pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
     outln!("symbols     {} from kallsyms", report.symbols);
     match (&types, &report.btf_error) {
         (Ok(t), _) => outln!(
-            "types       {} BTF types ({} KiB) read from guest memory in {:.1} ms",
+            "types       {} BTF types ({} KiB) from {} in {:.1} ms",
             t.btf.type_count(),
             t.bytes >> 10,
+            t.origin,
             t.elapsed.as_secs_f64() * 1e3
         ),
         (Err(_), Some(e)) => outln!("types       unavailable: {e}"),

@@ -70,6 +70,12 @@ fn linux_layer(extra_append: &str) {
     let text = guest.guest_symbol("_text");
     assert_eq!(num(&info["kaslr_offset"]), text - 0xffff_ffff_8100_0000);
     assert!(info["btf_types"].as_u64().unwrap_or(0) > 10_000, "{info}");
+    assert!(
+        info["types_origin"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("the kernel BTF at 0x")),
+        "{info}"
+    );
 
     // A marker process whose argv we read through its own page tables, and a kernel log line.
     let marker = "KVMA_USER_MARKER_5f3a9c";

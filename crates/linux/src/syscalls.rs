@@ -834,6 +834,7 @@ mod tests {
         );
         KernelTypes {
             btf: kvmaccess_btf::Btf::parse(&b.build()).unwrap(),
+            origin: "a test".to_string(),
             bytes: 0,
             elapsed: std::time::Duration::ZERO,
         }

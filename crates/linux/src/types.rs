@@ -11,20 +11,23 @@ use crate::{Error, Kernel, Result};
 /// Largest BTF blob accepted; the 6.1 kernel's is 4 MiB, a guest claiming more is lying.
 pub const MAX_BTF_BYTES: u64 = 64 << 20;
 
-/// The parsed kernel BTF and how long it took to get it.
+/// The parsed kernel BTF, where it came from, and how long it took to get it.
 #[derive(Debug)]
 pub struct KernelTypes {
     /// The parsed type information.
     pub btf: Btf,
-    /// Bytes read from the guest.
+    /// Where it came from: the kernel's BTF in guest memory, a vmlinux's `.BTF` section, or a
+    /// vmlinux's DWARF (for `info` and error messages).
+    pub origin: String,
+    /// Bytes of BTF parsed.
     pub bytes: u64,
     /// Time to read the blob and parse it.
     pub elapsed: std::time::Duration,
 }
 
 impl KernelTypes {
-    /// Parses a BTF blob from elsewhere (a vmlinux's `.BTF` section); `origin` names it in
-    /// errors.
+    /// Parses a BTF blob; `origin` says where it came from (in errors, and as
+    /// [`origin`](Self::origin)).
     pub fn from_btf_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
         let started = Instant::now();
         let btf = Btf::parse(bytes).map_err(|source| Error::Btf {
@@ -33,6 +36,7 @@ impl KernelTypes {
         })?;
         Ok(Self {
             btf,
+            origin: origin.to_string(),
             bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
             elapsed: started.elapsed(),
         })

@@ -267,6 +267,7 @@ mod tests {
         assert!(vmlinux.btf.is_none() && vmlinux.has_dwarf);
         assert!(vmlinux.types_origin().contains("DWARF"));
         let types = vmlinux.types().unwrap();
+        assert_eq!(types.origin, vmlinux.types_origin());
         assert_eq!(types.offset_of("task_struct", "tasks").unwrap(), 24);
         assert_eq!(types.offset_of("task_struct", "comm").unwrap(), 4);
         assert_eq!(types.size_of("task_struct").unwrap(), 40);

@@ -134,6 +134,7 @@ fn dwarf_types_match_the_kernel_btf() {
     let (started, cpu) = (Instant::now(), thread_cpu());
     let ours = vmlinux.types().unwrap();
     let (converted, cpu) = (started.elapsed(), thread_cpu().saturating_sub(cpu));
+    assert!(ours.origin.contains("DWARF"), "{}", ours.origin);
     println!(
         "opening {}: {opened:.2?}; DWARF to {} BTF types ({} KiB): {converted:.2?} wall, \
          {cpu:.2?} CPU (debug build, converter at opt-level 3)",
