@@ -159,6 +159,12 @@ impl Btf {
             .map(|&id| TypeId(id))
     }
 
+    /// The name index: ids of named types sorted by (name, id). Give it back to
+    /// [`Btf::parse_with_name_index`] to skip the sort when parsing the same blob again.
+    pub fn name_index(&self) -> &[u32] {
+        &self.by_name
+    }
+
     /// Number of types, not counting `void` (id 0). Valid ids are `0..=type_count()`.
     pub fn type_count(&self) -> usize {
         self.types.len().saturating_sub(1)

@@ -160,6 +160,16 @@ impl Btf {
     /// reference is checked here, so later queries on a successfully parsed [`Btf`] only fail
     /// for semantic reasons (cycles, missing names, ...).
     pub fn parse(blob: &[u8]) -> Result<Btf, Error> {
+        Self::parse_with_name_index(blob, &[]).map(|(btf, _)| btf)
+    }
+
+    /// [`Btf::parse`], with the name index of an earlier parse of the same blob
+    /// ([`Btf::name_index`], from a cache). The hint is checked in one linear pass and used only
+    /// when it is exactly the index the parser would build; otherwise the index is built as
+    /// usual. Sorting ~100k names is most of the cost of parsing a kernel's BTF.
+    ///
+    /// Returns the parsed BTF and whether the hint was used.
+    pub fn parse_with_name_index(blob: &[u8], hint: &[u32]) -> Result<(Btf, bool), Error> {
         let header = Header::parse(blob)?;
         let types_sec = header.section(blob, "type", header.type_off, header.type_len)?;
         let strs_sec = header.section(blob, "string", header.str_off, header.str_len)?;
@@ -210,10 +220,15 @@ impl Btf {
             pos = btf.decode_one(strings, types_sec, pos, id)?;
         }
         btf.check_references()?;
-        btf.by_name = name_index(&btf.types, strings);
+        let hinted = !hint.is_empty() && name_index_matches(&btf.types, strings, hint);
+        btf.by_name = if hinted {
+            hint.to_vec()
+        } else {
+            name_index(&btf.types, strings)
+        };
         btf.strings = strings.to_owned();
         btf.pointer_size = btf.guess_pointer_size();
-        Ok(btf)
+        Ok((btf, hinted))
     }
 
     fn decode_one(
@@ -527,6 +542,38 @@ fn decode_strings(sec: &[u8]) -> Result<&str, Error> {
 }
 
 /// Ids of all named types, sorted by (name, id), for binary search.
+/// The name of a type when it has one (the index holds exactly these).
+fn indexed_name<'s>(types: &[Entry], strings: &'s str, id: u32) -> Option<&'s str> {
+    let entry = types.get(usize::try_from(id).ok()?)?;
+    if entry.name_off == 0 {
+        return None;
+    }
+    str_at(strings, entry.name_off).filter(|name| !name.is_empty())
+}
+
+/// Whether `hint` is what [`name_index`] returns: strictly increasing (name, id) keys of named
+/// types make the ids distinct, and as many of them as there are named types are all of them.
+fn name_index_matches(types: &[Entry], strings: &str, hint: &[u32]) -> bool {
+    let named = (0..types.len())
+        .filter_map(|i| u32::try_from(i).ok())
+        .filter(|&id| indexed_name(types, strings, id).is_some())
+        .count();
+    if hint.len() != named {
+        return false;
+    }
+    let mut previous: Option<(&str, u32)> = None;
+    for &id in hint {
+        let Some(name) = indexed_name(types, strings, id) else {
+            return false;
+        };
+        if previous.is_some_and(|p| p >= (name, id)) {
+            return false;
+        }
+        previous = Some((name, id));
+    }
+    true
+}
+
 fn name_index(types: &[Entry], strings: &str) -> Vec<u32> {
     let mut named: Vec<(&str, u32)> = types
         .iter()

@@ -885,3 +885,63 @@ fn host_kernel_btf_if_present() {
         let _ = btf.type_name(t.id);
     }
 }
+
+#[test]
+fn name_index_hint_is_used_only_when_exact() {
+    let mut b = BtfBuilder::new();
+    let int = b.int("int", 4, true);
+    b.struct_("b_struct", 4, &[("x", int, 0, 0)]);
+    b.struct_("a_struct", 4, &[("y", int, 0, 0)]);
+    b.typedef("a_struct", int);
+    let blob = b.build();
+    let plain = Btf::parse(&blob).unwrap();
+    let index = plain.name_index().to_vec();
+    assert_eq!(index.len(), 4);
+    let (hinted, used) = Btf::parse_with_name_index(&blob, &index).unwrap();
+    assert!(used);
+    assert_eq!(hinted.name_index(), plain.name_index());
+    assert_eq!(
+        hinted.find_struct("a_struct"),
+        plain.find_struct("a_struct")
+    );
+
+    let mut swapped = index.clone();
+    swapped.swap(0, 1);
+    let mut repeated = index.clone();
+    repeated[1] = repeated[0];
+    let mut out_of_range = index.clone();
+    out_of_range[3] = 1000;
+    let mut unnamed = index.clone();
+    unnamed[0] = 0; // void has no name
+    let bad = [
+        swapped,
+        repeated,
+        out_of_range,
+        unnamed,
+        index[1..].to_vec(),
+        [index.as_slice(), &[2]].concat(),
+    ];
+    for hint in bad {
+        let (parsed, used) = Btf::parse_with_name_index(&blob, &hint).unwrap();
+        assert!(!used, "{hint:?}");
+        assert_eq!(parsed.name_index(), plain.name_index());
+    }
+}
+
+#[test]
+fn host_kernel_btf_name_index_round_trips() {
+    let Ok(blob) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+        return;
+    };
+    let t = std::time::Instant::now();
+    let plain = Btf::parse(&blob).unwrap();
+    let sorted = t.elapsed();
+    let t = std::time::Instant::now();
+    let (hinted, used) = Btf::parse_with_name_index(&blob, plain.name_index()).unwrap();
+    eprintln!(
+        "host BTF: parse {sorted:?}, with the name index as a hint {:?}",
+        t.elapsed()
+    );
+    assert!(used);
+    assert_eq!(hinted.name_index(), plain.name_index());
+}

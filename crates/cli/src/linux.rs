@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kvmaccess_linux::{DiscoverOptions, Kernel, KernelTypes, SystemMap, Vmlinux};
+use kvmaccess_linux::{
+    CacheReport, CacheUse, DiscoverOptions, Kernel, KernelTypes, ProfileCache, SystemMap, Vmlinux,
+};
 use serde::Serialize;
 
 use crate::output::print_json;
@@ -24,9 +26,31 @@ pub struct ProfileArgs {
     /// .BTF section for kernels whose memory image has no BTF.
     #[arg(long, global = true, value_name = "FILE")]
     pub vmlinux: Option<PathBuf>,
+
+    /// Derive the whole profile from guest memory every time: neither read nor write the
+    /// profile cache.
+    #[arg(long, global = true, conflicts_with = "profile_cache")]
+    pub no_profile_cache: bool,
+
+    /// Directory of the profile cache, where what is costly to derive (decoded kallsyms, symbol
+    /// and type indexes) is kept per kernel build id and re-checked against the guest on use
+    /// [default: $XDG_CACHE_HOME/kvmaccess/profiles, else ~/.cache/kvmaccess/profiles].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub profile_cache: Option<PathBuf>,
 }
 
 impl ProfileArgs {
+    /// The profile cache to use, if any.
+    pub fn cache(&self) -> Option<ProfileCache> {
+        if self.no_profile_cache {
+            return None;
+        }
+        self.profile_cache
+            .clone()
+            .or_else(ProfileCache::default_dir)
+            .map(ProfileCache::new)
+    }
+
     fn vmlinux(&self) -> Result<Option<Vmlinux>> {
         self.vmlinux
             .as_deref()
@@ -53,6 +77,7 @@ pub fn kernel_types(kernel: &Kernel<'_>, profile: &ProfileArgs) -> Result<Kernel
 pub fn open_kernel<'t>(target: &'t Target, profile: &ProfileArgs) -> Result<Kernel<'t>> {
     let mut options = DiscoverOptions {
         vmcoreinfo_text: target.vmcoreinfo_recorded(),
+        cache: profile.cache(),
         ..DiscoverOptions::default()
     };
     if let Some(vmlinux) = profile.vmlinux()? {
@@ -90,6 +115,8 @@ struct InfoReport<'a> {
     /// Where the types came from (guest memory, or the --vmlinux file's .BTF or DWARF).
     types_origin: Option<&'a str>,
     provenance: &'a kvmaccess_linux::Provenance,
+    /// What the profile cache did; `null` with --no-profile-cache.
+    profile_cache: Option<CacheReport>,
 }
 
 pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
@@ -111,6 +138,7 @@ pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
         btf_error: types.as_ref().err().map(ToString::to_string),
         types_origin: types.as_ref().ok().map(|t| t.origin.as_str()),
         provenance: kernel.provenance(),
+        profile_cache: kernel.profile_cache(),
     };
     if json {
         return print_json(&report);
@@ -154,6 +182,24 @@ pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
     for missing in &p.missing {
         outln!("  missing     {missing}");
     }
+    match &report.profile_cache {
+        None => outln!("  cache       off (--no-profile-cache, or no home directory)"),
+        Some(cache) => {
+            outln!("  cache       {}", cache.dir.display());
+            match &cache.build_id {
+                None => outln!("    (not used: the kernel records no build id)"),
+                Some(_) => {
+                    if cache.vmcoreinfo_remembered {
+                        outln!(
+                            "    VMCOREINFO  at the address remembered for this build (no scan)"
+                        );
+                    }
+                    outln!("    symbols     {}", describe_cache_use(&cache.symbols));
+                    outln!("    types       {}", describe_cache_use(&cache.types));
+                }
+            }
+        }
+    }
     outln!("steps:");
     for step in &p.steps {
         outln!(
@@ -169,6 +215,27 @@ pub fn info(args: &TargetArgs, _cmd: &InfoArgs, json: bool) -> Result<()> {
         p.total().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// One line on what the profile cache did for a part of the profile.
+fn describe_cache_use(outcome: &CacheUse) -> String {
+    let ms = |d: &std::time::Duration| d.as_secs_f64() * 1e3;
+    match outcome {
+        CacheUse::Unused => "not consulted".to_string(),
+        CacheUse::Hit { load, validate } => format!(
+            "from the cache: entry read in {:.2} ms, checked against the guest's bytes in {:.2} ms",
+            ms(load),
+            ms(validate)
+        ),
+        CacheUse::Miss { reason, stored } => format!(
+            "derived from guest memory ({reason}); {}",
+            if *stored {
+                "entry written"
+            } else {
+                "entry not written"
+            }
+        ),
+    }
 }
 
 /// A compact one-line rendering of a provenance value.

@@ -140,6 +140,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -188,6 +189,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::bench(target, &args, json),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Library warnings (a profile cache that cannot be written, say) on stderr as one line each,
+/// like the tool's own notes; `RUST_LOG` sets the level (default: warnings).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(output::LogLine)
+        .try_init();
 }
 
 /// Parses a byte count for clap.

@@ -187,19 +187,69 @@ pub struct Decoded {
     pub rule: OffsetRule,
     /// Bytes read from the guest.
     pub bytes_read: usize,
+    /// The bytes the names were decoded from.
+    pub source: NamesSource,
 }
 
-/// Decode every symbol.
-pub fn decode<R: KernelRead + ?Sized>(
+/// Identity of the bytes that the names (and type letters) were decoded from: the count, the
+/// token index and table, and the stretch of `kallsyms_names` that was read. The address arrays
+/// are left out on purpose: they move with KASLR, the names do not, so a decoding cached under
+/// this identity stays valid across reboots while addresses are always computed afresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NamesSource {
+    /// BLAKE3 of those bytes (see [`NamesSource::DOMAIN`]).
+    pub digest: [u8; 32],
+    /// `kallsyms_num_syms`.
+    pub count: u32,
+    /// Bytes of `kallsyms_token_table` read.
+    pub token_table_len: u32,
+    /// Bytes of `kallsyms_names` read.
+    pub names_len: u32,
+}
+
+impl NamesSource {
+    /// Prefix of the hashed bytes. It names the decoder's version: a change to how names are
+    /// decoded must change it, so names cached by an older decoder no longer match.
+    pub const DOMAIN: &'static [u8] = b"kvmaccess kallsyms names v1\0";
+
+    fn compute(num_raw: [u8; 4], index_raw: &[u8], table: &[u8], names: &[u8]) -> Self {
+        // Both lengths are bounded far below 4 GiB (MAX_TOKEN_TABLE, MAX_NAMES_BYTES).
+        let len32 = |bytes: &[u8]| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(Self::DOMAIN);
+        hasher.update(&num_raw);
+        hasher.update(index_raw);
+        // Lengths are hashed too, so that bytes cannot move from one array to the next.
+        hasher.update(&len32(table).to_le_bytes());
+        hasher.update(table);
+        hasher.update(&len32(names).to_le_bytes());
+        hasher.update(names);
+        Self {
+            digest: *hasher.finalize().as_bytes(),
+            count: u32::from_le_bytes(num_raw),
+            token_table_len: len32(table),
+            names_len: len32(names),
+        }
+    }
+}
+
+/// The arrays every name is expanded from, read once.
+struct NameTables {
+    num_raw: [u8; 4],
+    count: usize,
+    index_raw: [u8; 512],
+    token_offsets: [usize; 256],
+    table: Vec<u8>,
+}
+
+fn read_name_tables<R: KernelRead + ?Sized>(
     mem: &mut R,
     location: &KallsymsLocation,
-    options: DecodeOptions,
-) -> Result<Decoded> {
-    let mut bytes_read = 0usize;
-
-    let mut raw = [0u8; 4];
-    read(mem, location.num_syms, &mut raw, "kallsyms_num_syms")?;
-    let num = u64::from(u32::from_le_bytes(raw));
+    bytes_read: &mut usize,
+) -> Result<NameTables> {
+    let mut num_raw = [0u8; 4];
+    read(mem, location.num_syms, &mut num_raw, "kallsyms_num_syms")?;
+    let num = u64::from(u32::from_le_bytes(num_raw));
     if num == 0 || num > MAX_SYMBOLS {
         return Err(Error::KallsymsTooMany {
             value: num,
@@ -218,7 +268,7 @@ pub fn decode<R: KernelRead + ?Sized>(
         &mut index_raw,
         "kallsyms_token_index",
     )?;
-    bytes_read += index_raw.len();
+    *bytes_read += index_raw.len();
     let mut token_offsets = [0usize; 256];
     for (slot, pair) in token_offsets.iter_mut().zip(index_raw.chunks_exact(2)) {
         *slot = usize::from(u16::from_le_bytes([pair[0], pair[1]]));
@@ -231,8 +281,26 @@ pub fn decode<R: KernelRead + ?Sized>(
         &mut table,
         "kallsyms_token_table",
     )?;
-    bytes_read += table.len();
-    let tokens = split_tokens(&table, &token_offsets)?;
+    *bytes_read += table.len();
+    Ok(NameTables {
+        num_raw,
+        count,
+        index_raw,
+        token_offsets,
+        table,
+    })
+}
+
+/// Decode every symbol.
+pub fn decode<R: KernelRead + ?Sized>(
+    mem: &mut R,
+    location: &KallsymsLocation,
+    options: DecodeOptions,
+) -> Result<Decoded> {
+    let mut bytes_read = 0usize;
+    let tables = read_name_tables(mem, location, &mut bytes_read)?;
+    let count = tables.count;
+    let tokens = split_tokens(&tables.table, &tables.token_offsets)?;
 
     let addresses = read_addresses(mem, location, count, options.rule, &mut bytes_read)?;
 
@@ -293,11 +361,74 @@ pub fn decode<R: KernelRead + ?Sized>(
         symbols.push(Symbol::new(name, address, kind));
     }
     bytes_read += names.len();
+    // Hashed from the very buffers decoded above, never from a second read: a guest that
+    // changes its tables meanwhile must not get names cached under bytes they did not come from.
+    let source = NamesSource::compute(
+        tables.num_raw,
+        &tables.index_raw,
+        &tables.table,
+        &names.bytes,
+    );
     Ok(Decoded {
         symbols,
         rule: addresses.rule,
         bytes_read,
+        source,
     })
+}
+
+/// Names decoded earlier (from the profile cache), in kallsyms order, with the identity of the
+/// bytes they came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedNames {
+    /// The source the names were decoded from.
+    pub source: NamesSource,
+    /// The symbols with their names and type letters; their addresses are not used (they are
+    /// computed from the live guest).
+    pub symbols: Vec<Symbol>,
+}
+
+/// [`decode`] with the names taken from an earlier decoding, when the guest's name arrays are
+/// byte for byte the ones it was made from: the same arrays are read and hashed, which costs
+/// far less than expanding every name, and the addresses are computed from the live address
+/// arrays as always. `Ok(Err(cached))` gives the names back when the bytes differ.
+pub fn decode_cached<R: KernelRead + ?Sized>(
+    mem: &mut R,
+    location: &KallsymsLocation,
+    options: DecodeOptions,
+    cached: CachedNames,
+) -> Result<std::result::Result<Decoded, CachedNames>> {
+    let mut bytes_read = 0usize;
+    let tables = read_name_tables(mem, location, &mut bytes_read)?;
+    let expected = cached.source;
+    let table_len = usize::try_from(expected.token_table_len).unwrap_or(usize::MAX);
+    let names_len = usize::try_from(expected.names_len).unwrap_or(usize::MAX);
+    if u32::from_le_bytes(tables.num_raw) != expected.count
+        || tables.table.len() != table_len
+        || cached.symbols.len() != tables.count
+        || names_len > MAX_NAMES_BYTES
+    {
+        return Ok(Err(cached));
+    }
+    let mut names = vec![0u8; names_len];
+    read(mem, location.names, &mut names, "kallsyms_names")?;
+    bytes_read += names.len();
+    let live = NamesSource::compute(tables.num_raw, &tables.index_raw, &tables.table, &names);
+    if live != expected {
+        return Ok(Err(cached));
+    }
+    let addresses = read_addresses(mem, location, tables.count, options.rule, &mut bytes_read)?;
+    let mut symbols = cached.symbols;
+    for (symbol, address) in symbols.iter_mut().zip(addresses.values) {
+        symbol.address = address;
+        symbol.module = None;
+    }
+    Ok(Ok(Decoded {
+        symbols,
+        rule: addresses.rule,
+        bytes_read,
+        source: expected,
+    }))
 }
 
 fn read<R: KernelRead + ?Sized>(mem: &mut R, at: u64, buf: &mut [u8], what: &str) -> Result<()> {

@@ -20,6 +20,7 @@ pub mod kallsyms;
 mod layout;
 pub mod modules;
 pub mod owners;
+pub mod profile_cache;
 pub mod profile_export;
 mod symbols;
 pub mod syscalls;
@@ -47,6 +48,7 @@ pub use modules::{
     Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind, ModuleSymbolsMerged,
 };
 pub use owners::{KernelSection, Owner, Owners};
+pub use profile_cache::{CacheReport, CacheUse, ProfileCache};
 pub use profile_export::{ProfileExport, ProfileOptions, TypeSelection};
 pub use symbols::{Symbol, SymbolTable};
 pub use syscalls::{SyscallEntry, SyscallResolver, SyscallTable, SyscallTables};
@@ -70,6 +72,8 @@ pub struct DiscoverOptions {
     pub system_map: Option<SystemMap>,
     /// How to decode kallsyms.
     pub kallsyms: DecodeOptions,
+    /// Where to keep derived data per kernel build (`None`: derive everything every time).
+    pub cache: Option<ProfileCache>,
 }
 
 /// Where VMCOREINFO came from.
@@ -90,6 +94,14 @@ pub enum VmcoreinfoSource {
         scanned_bytes: u64,
         /// Passes that ran.
         passes: Vec<ScanMode>,
+    },
+    /// Found at the address where an earlier attach to the same build found it (the address
+    /// comes from the profile cache; the copy there passed every check a scan's would).
+    Remembered {
+        /// Address of the copy used.
+        gpa: Gpa,
+        /// The build it belongs to.
+        build_id: String,
     },
     /// Given by the caller (an ELF core's VMCOREINFO note).
     Provided,
@@ -196,6 +208,13 @@ pub struct Kernel<'m> {
     mem: &'m dyn PhysicalMemory,
     profile: KernelProfile,
     space: Mutex<AddressSpace<'m, dyn PhysicalMemory + 'm>>,
+    cache: Option<CacheBinding>,
+}
+
+/// The profile cache a kernel was discovered with, for [`Kernel::load_types`].
+struct CacheBinding {
+    store: ProfileCache,
+    report: Mutex<CacheReport>,
 }
 
 impl std::fmt::Debug for Kernel<'_> {
@@ -243,6 +262,18 @@ struct Evaluated {
     problems: Vec<String>,
     score: u32,
     decode_time: Duration,
+    cache: CandidateCache,
+}
+
+/// What the profile cache gave one VMCOREINFO copy's kallsyms.
+#[derive(Default)]
+struct CandidateCache {
+    /// Hit, miss (and why), or unused.
+    outcome: CacheUse,
+    /// The cached symbol indexes, on a hit.
+    index_hints: Option<(Vec<u32>, Vec<u32>)>,
+    /// The VMCOREINFO address the cached entry remembers.
+    remembered_gpa: Option<Gpa>,
 }
 
 impl<'m> Kernel<'m> {
@@ -269,6 +300,10 @@ impl<'m> Kernel<'m> {
                 });
             }
             return Self::finish(mem, evaluated, VmcoreinfoSource::Provided, options, timer);
+        }
+
+        if let Some((chosen, source)) = remembered(mem, vcpus, options, &mut timer) {
+            return Self::finish(mem, chosen, source, options, timer);
         }
 
         let report = timer.run(
@@ -383,6 +418,7 @@ impl<'m> Kernel<'m> {
         mut timer: Timer,
     ) -> Result<Self> {
         let Evaluated {
+            gpa,
             info,
             layout,
             symbols,
@@ -391,24 +427,57 @@ impl<'m> Kernel<'m> {
             mut checks,
             problems,
             decode_time,
+            cache,
             ..
         } = chosen;
         let mut missing = problems;
+        let mut fresh_source = None;
         let (table, symbol_source) = match (symbols, symbols_error) {
             (Some(decoded), _) => {
                 let rule = decoded.rule;
                 let bytes_read = decoded.bytes_read;
                 let count = decoded.symbols.len();
-                let table = timer.run(
+                let hit = matches!(cache.outcome, CacheUse::Hit { .. });
+                let (table, hinted) = timer.run(
                     "symbol-index",
-                    || SymbolTable::new(decoded.symbols),
-                    |_| format!("{count} symbols"),
+                    || match cache.index_hints {
+                        Some((by_name, by_address)) => {
+                            SymbolTable::with_index_hints(decoded.symbols, by_name, by_address)
+                        }
+                        None => (SymbolTable::new(decoded.symbols), false),
+                    },
+                    |(_, hinted)| {
+                        format!(
+                            "{count} symbols{}",
+                            if *hinted {
+                                ", cached indexes checked"
+                            } else {
+                                ""
+                            }
+                        )
+                    },
                 );
-                timer.steps.push(Step {
-                    name: "kallsyms-decode",
-                    duration: decode_time,
-                    detail: format!("{count} symbols, {bytes_read} bytes read, rule {rule:?}"),
+                timer.steps.push(if hit {
+                    Step {
+                        name: "kallsyms-cached",
+                        duration: decode_time,
+                        detail: format!(
+                            "{count} names from the profile cache, {bytes_read} bytes read and \
+                             hash-checked, rule {rule:?}"
+                        ),
+                    }
+                } else {
+                    Step {
+                        name: "kallsyms-decode",
+                        duration: decode_time,
+                        detail: format!("{count} symbols, {bytes_read} bytes read, rule {rule:?}"),
+                    }
                 });
+                // Worth (re)writing unless everything came from an entry that is still exact.
+                let remembered_moved = gpa.is_some() && gpa != cache.remembered_gpa;
+                if !hit || !hinted || remembered_moved {
+                    fresh_source = Some(decoded.source);
+                }
                 (table, SymbolSource::Kallsyms { rule, bytes_read })
             }
             (None, reason) => {
@@ -432,6 +501,27 @@ impl<'m> Kernel<'m> {
         } else {
             checks.push("linux_banner matches OSRELEASE".into());
         }
+        let cache_report = options.cache.as_ref().map(|store| {
+            let build_id = info.build_id.clone();
+            let mut symbols = cache.outcome;
+            if let (Some(source), Some(build_id)) = (fresh_source, &build_id) {
+                // A provided text (a dump) has no address: keep the one a live attach found.
+                let remembered = gpa.or(cache.remembered_gpa);
+                let stored = store_symbols(
+                    store, build_id, &info, remembered, source, &table, &mut timer,
+                );
+                if let CacheUse::Miss { stored: s, .. } = &mut symbols {
+                    *s = stored;
+                }
+            }
+            CacheReport {
+                dir: store.dir().to_path_buf(),
+                build_id,
+                vmcoreinfo_remembered: matches!(source, VmcoreinfoSource::Remembered { .. }),
+                symbols,
+                types: CacheUse::Unused,
+            }
+        });
         let profile = KernelProfile {
             release: info.osrelease.clone(),
             build_id: info.build_id.clone(),
@@ -448,7 +538,33 @@ impl<'m> Kernel<'m> {
             },
             vmcoreinfo: Some(info),
         };
-        Ok(Self::from_profile(mem, profile))
+        Ok(Self::from_profile(mem, profile).with_cache(options.cache.as_ref(), cache_report))
+    }
+
+    /// Attach the cache discovery used, so that [`Kernel::load_types`] uses it too.
+    fn with_cache(mut self, store: Option<&ProfileCache>, report: Option<CacheReport>) -> Self {
+        self.cache = store.zip(report).map(|(store, report)| CacheBinding {
+            store: store.clone(),
+            report: Mutex::new(report),
+        });
+        self
+    }
+
+    /// What the profile cache did, when discovery was given one.
+    pub fn profile_cache(&self) -> Option<CacheReport> {
+        self.cache.as_ref().map(|c| lock(&c.report).clone())
+    }
+
+    /// The cache and the build ID to file entries under, when both exist.
+    fn cache_key(&self) -> Option<(&ProfileCache, &str)> {
+        let cache = self.cache.as_ref()?;
+        Some((&cache.store, self.profile.build_id.as_deref()?))
+    }
+
+    fn record_types_cache(&self, outcome: CacheUse) {
+        if let Some(cache) = &self.cache {
+            lock(&cache.report).types = outcome;
+        }
     }
 
     fn from_registers(
@@ -537,7 +653,14 @@ impl<'m> Kernel<'m> {
                 steps: timer.steps,
             },
         };
-        Ok(Self::from_profile(mem, profile))
+        let report = options.cache.as_ref().map(|store| CacheReport {
+            dir: store.dir().to_path_buf(),
+            build_id: None,
+            vmcoreinfo_remembered: false,
+            symbols: CacheUse::Unused,
+            types: CacheUse::Unused,
+        });
+        Ok(Self::from_profile(mem, profile).with_cache(options.cache.as_ref(), report))
     }
 
     /// Bind an existing profile (from an earlier discovery of the same guest) to memory.
@@ -547,6 +670,7 @@ impl<'m> Kernel<'m> {
             mem,
             profile,
             space: Mutex::new(space),
+            cache: None,
         }
     }
 
@@ -649,6 +773,163 @@ impl<'m> Kernel<'m> {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are plain data, complete after every update.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Most remembered addresses probed before scanning.
+const MAX_REMEMBERED: usize = 8;
+
+/// VMCOREINFO at an address the profile cache remembers, when the copy there belongs to the
+/// remembered build and passes every check a scan's best candidate must pass. Saves the scan
+/// (tens of milliseconds on a large guest). A copy that is there but falls short of a clean pass
+/// ends the shortcut: the full scan then weighs it against every other copy.
+fn remembered(
+    mem: &dyn PhysicalMemory,
+    vcpus: Option<&dyn VcpuState>,
+    options: &DiscoverOptions,
+    timer: &mut Timer,
+) -> Option<(Evaluated, VmcoreinfoSource)> {
+    let store = options.cache.as_ref()?;
+    let started = Instant::now();
+    let hints = store.hints();
+    if hints.is_empty() {
+        return None;
+    }
+    for (build_id, gpa) in hints.into_iter().take(MAX_REMEMBERED) {
+        let Some(info) = vmcoreinfo::read_candidate(mem, gpa)
+            .and_then(|bytes| Vmcoreinfo::parse(&bytes).ok())
+            .filter(|info| info.build_id.as_deref() == Some(build_id.as_str()))
+        else {
+            continue;
+        };
+        timer.steps.push(Step {
+            name: "vmcoreinfo-remembered",
+            duration: started.elapsed(),
+            detail: format!("copy at {gpa}, where an earlier attach to build {build_id} found it"),
+        });
+        let evaluated = evaluate(mem, Some(gpa), info, vcpus, options, timer);
+        if evaluated.problems.is_empty()
+            && evaluated.symbols.is_some()
+            && evaluated.banner.is_some()
+        {
+            return Some((evaluated, VmcoreinfoSource::Remembered { gpa, build_id }));
+        }
+        return None;
+    }
+    timer.steps.push(Step {
+        name: "vmcoreinfo-remembered",
+        duration: started.elapsed(),
+        detail: "no remembered address holds its build's VMCOREINFO".into(),
+    });
+    None
+}
+
+/// kallsyms of one VMCOREINFO copy: the names from the profile cache when the guest's name
+/// arrays are the bytes they were decoded from, decoded afresh otherwise.
+fn decode_kallsyms(
+    space: &mut AddressSpace<'_, dyn PhysicalMemory + '_>,
+    info: &Vmcoreinfo,
+    options: &DiscoverOptions,
+) -> (Result<kallsyms::Decoded>, CandidateCache) {
+    let location = match KallsymsLocation::from_vmcoreinfo(info) {
+        Ok(location) => location,
+        Err(e) => return (Err(e), CandidateCache::default()),
+    };
+    let mut cache = CandidateCache::default();
+    let miss = |reason: String| CacheUse::Miss {
+        reason,
+        stored: false,
+    };
+    if let (Some(store), Some(build_id)) = (&options.cache, &info.build_id) {
+        let started = Instant::now();
+        let entry = match store.load(build_id, profile_cache::EntryKind::Symbols) {
+            Ok(Some(profile_cache::CacheFile::Symbols(entry)))
+                if entry.release == info.osrelease =>
+            {
+                Some(entry)
+            }
+            Ok(Some(_)) => {
+                cache.outcome = miss("the cached entry names another release".into());
+                None
+            }
+            Ok(None) => {
+                cache.outcome = miss("no entry for this build yet".into());
+                None
+            }
+            Err(e) => {
+                tracing::debug!("profile cache entry ignored: {e}");
+                cache.outcome = miss(e.to_string());
+                None
+            }
+        };
+        if let Some(entry) = entry {
+            let load = started.elapsed();
+            let started = Instant::now();
+            match kallsyms::decode_cached(space, &location, options.kallsyms, entry.names) {
+                Ok(Ok(decoded)) => {
+                    cache.outcome = CacheUse::Hit {
+                        load,
+                        validate: started.elapsed(),
+                    };
+                    cache.index_hints = Some((entry.by_name, entry.by_address));
+                    cache.remembered_gpa = entry.vmcoreinfo_gpa;
+                    return (Ok(decoded), cache);
+                }
+                Ok(Err(_)) => {
+                    cache.outcome = miss(
+                        "the guest's kallsyms name arrays differ from the cached entry's source"
+                            .into(),
+                    );
+                }
+                Err(e) => cache.outcome = miss(format!("checking the cached entry: {e}")),
+            }
+            cache.remembered_gpa = entry.vmcoreinfo_gpa;
+        }
+    }
+    (kallsyms::decode(space, &location, options.kallsyms), cache)
+}
+
+/// Writes the symbols entry of a build; a failure is a warning (a read-only home must not stop
+/// anything). Returns whether it was written.
+fn store_symbols(
+    store: &ProfileCache,
+    build_id: &str,
+    info: &Vmcoreinfo,
+    gpa: Option<Gpa>,
+    source: kallsyms::NamesSource,
+    table: &SymbolTable,
+    timer: &mut Timer,
+) -> bool {
+    let entry = profile_cache::CacheFile::Symbols(profile_cache::SymbolsEntry {
+        build_id: build_id.to_string(),
+        release: info.osrelease.clone(),
+        vmcoreinfo_gpa: gpa,
+        names: kallsyms::CachedNames {
+            source,
+            symbols: table.as_slice().to_vec(),
+        },
+        by_name: table.name_index().to_vec(),
+        by_address: table.address_index().to_vec(),
+    });
+    let result = timer.run(
+        "profile-cache-write",
+        || store.store(&entry),
+        |r| match r {
+            Ok(path) => format!("{}", path.display()),
+            Err(e) => e.to_string(),
+        },
+    );
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("profile cache not written: {e}");
+            false
+        }
+    }
+}
+
 fn describe_parse(result: &Result<Vmcoreinfo>) -> String {
     match result {
         Ok(info) => format!(
@@ -687,6 +968,7 @@ fn evaluate(
         problems: Vec::new(),
         score: 0,
         decode_time: Duration::ZERO,
+        cache: CandidateCache::default(),
     };
     let started = Instant::now();
     let layout = match KernelLayout::from_vmcoreinfo(&out.info) {
@@ -748,10 +1030,9 @@ fn evaluate(
     });
 
     let started = Instant::now();
-    match KallsymsLocation::from_vmcoreinfo(&out.info)
-        .and_then(|location| kallsyms::decode(&mut space, &location, options.kallsyms))
-        .and_then(|decoded| check_decoded(&out.info, decoded))
-    {
+    let (decoded, cache) = decode_kallsyms(&mut space, &out.info, options);
+    out.cache = cache;
+    match decoded.and_then(|decoded| check_decoded(&out.info, decoded)) {
         Ok((decoded, agreed)) => {
             out.score += 2;
             out.checks.push(format!(

@@ -71,17 +71,123 @@ impl SymbolTable {
         table
     }
 
-    fn reindex(&mut self) {
+    /// Like [`SymbolTable::new`], with the indexes of an earlier table of the same symbols
+    /// (from the profile cache). Each is checked in one linear pass and used only when it is
+    /// exactly the sorted index; otherwise it is rebuilt. Sorting ~100k names costs tens of
+    /// milliseconds, checking them one.
+    ///
+    /// Returns the table and whether both indexes were taken as given.
+    pub fn with_index_hints(
+        mut symbols: Vec<Symbol>,
+        by_name: Vec<u32>,
+        by_address: Vec<u32>,
+    ) -> (Self, bool) {
+        symbols.truncate(Self::MAX_SYMBOLS);
+        let mut table = Self {
+            symbols,
+            by_name,
+            by_address,
+        };
+        let names_ok = table.name_index_valid();
+        if !names_ok {
+            table.by_name = table.sorted_by_name(table.positions().collect());
+        }
+        let addresses_ok = table.address_index_valid();
+        if !addresses_ok {
+            table.by_address = table.sorted_by_address(table.located_positions().collect());
+        }
+        (table, names_ok && addresses_ok)
+    }
+
+    /// The name index: positions sorted by (name, position).
+    pub fn name_index(&self) -> &[u32] {
+        &self.by_name
+    }
+
+    /// The address index: positions of located (non-absolute) symbols sorted by
+    /// (address, position).
+    pub fn address_index(&self) -> &[u32] {
+        &self.by_address
+    }
+
+    fn positions(&self) -> impl Iterator<Item = u32> + '_ {
         // Positions fit u32 because the table holds at most MAX_SYMBOLS < 2^32 entries.
-        let positions = || (0..self.symbols.len()).filter_map(|i| u32::try_from(i).ok());
-        let mut by_name: Vec<u32> = positions().collect();
-        by_name.sort_by(|&a, &b| self.name_at(a).cmp(self.name_at(b)).then(a.cmp(&b)));
-        let mut by_address: Vec<u32> = positions()
+        (0..self.symbols.len()).filter_map(|i| u32::try_from(i).ok())
+    }
+
+    fn located_positions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.positions()
+            .filter(|&i| self.at(i).is_some_and(|s| !s.is_absolute()))
+    }
+
+    fn name_key(&self, position: u32) -> (&str, u32) {
+        (self.name_at(position), position)
+    }
+
+    fn address_key(&self, position: u32) -> (u64, u32) {
+        (self.at(position).map_or(0, |s| s.address), position)
+    }
+
+    /// Sorted by (name, position). The keys are distinct, so an unstable sort gives the one
+    /// order; collecting the names next to the positions saves an indirection per comparison.
+    fn sorted_by_name(&self, positions: Vec<u32>) -> Vec<u32> {
+        let mut keyed: Vec<(&str, u32)> = positions.iter().map(|&p| self.name_key(p)).collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, p)| p).collect()
+    }
+
+    fn sorted_by_address(&self, positions: Vec<u32>) -> Vec<u32> {
+        let mut keyed: Vec<(u64, u32)> = positions.iter().map(|&p| self.address_key(p)).collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Strictly increasing keys make the positions distinct; distinct in-range positions as
+    /// many as the symbols are all of them.
+    fn name_index_valid(&self) -> bool {
+        self.by_name.len() == self.symbols.len()
+            && self
+                .by_name
+                .iter()
+                .all(|&p| usize::try_from(p).is_ok_and(|p| p < self.symbols.len()))
+            && self
+                .by_name
+                .windows(2)
+                .all(|w| self.name_key(w[0]) < self.name_key(w[1]))
+    }
+
+    fn address_index_valid(&self) -> bool {
+        self.by_address.len() == self.located_positions().count()
+            && self
+                .by_address
+                .iter()
+                .all(|&p| self.at(p).is_some_and(|s| !s.is_absolute()))
+            && self
+                .by_address
+                .windows(2)
+                .all(|w| self.address_key(w[0]) < self.address_key(w[1]))
+    }
+
+    fn reindex(&mut self) {
+        self.by_name = self.sorted_by_name(self.positions().collect());
+        self.by_address = self.sorted_by_address(self.located_positions().collect());
+    }
+
+    /// Merges the positions from `first` on (new symbols) into both indexes: only the new ones
+    /// are sorted.
+    fn extend_index(&mut self, first: usize) {
+        let fresh: Vec<u32> = self.positions().skip(first).collect();
+        let fresh_located: Vec<u32> = fresh
+            .iter()
+            .copied()
             .filter(|&i| self.at(i).is_some_and(|s| !s.is_absolute()))
             .collect();
-        by_address.sort_by_key(|&i| (self.at(i).map_or(0, |s| s.address), i));
-        self.by_name = by_name;
-        self.by_address = by_address;
+        let fresh = self.sorted_by_name(fresh);
+        let fresh_located = self.sorted_by_address(fresh_located);
+        let by_name = std::mem::take(&mut self.by_name);
+        self.by_name = merge_sorted(&by_name, &fresh, |p| self.name_key(p));
+        let by_address = std::mem::take(&mut self.by_address);
+        self.by_address = merge_sorted(&by_address, &fresh_located, |p| self.address_key(p));
     }
 
     fn at(&self, position: u32) -> Option<&Symbol> {
@@ -174,14 +280,33 @@ impl SymbolTable {
     /// Add symbols (module symbols, say) and rebuild the indexes.
     pub fn merge(&mut self, more: impl IntoIterator<Item = Symbol>) {
         let room = Self::MAX_SYMBOLS.saturating_sub(self.symbols.len());
+        let first = self.symbols.len();
         self.symbols.extend(more.into_iter().take(room));
-        self.reindex();
+        self.extend_index(first);
     }
 
     /// The symbols, giving up the indexes.
     pub fn into_vec(self) -> Vec<Symbol> {
         self.symbols
     }
+}
+
+/// Two index runs, each sorted by `key`, as one sorted run.
+fn merge_sorted<K: Ord>(a: &[u32], b: &[u32], key: impl Fn(u32) -> K) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        if key(y) < key(x) {
+            out.push(y);
+            j += 1;
+        } else {
+            out.push(x);
+            i += 1;
+        }
+    }
+    out.extend_from_slice(a.get(i..).unwrap_or_default());
+    out.extend_from_slice(b.get(j..).unwrap_or_default());
+    out
 }
 
 impl<'a> IntoIterator for &'a SymbolTable {
@@ -241,5 +366,60 @@ mod tests {
             Some("hello_init+0x8 [hello]")
         );
         assert_eq!(t.iter().count(), 7);
+    }
+
+    #[test]
+    fn merging_keeps_both_indexes_sorted() {
+        let mut merged = table();
+        let more = vec![
+            Symbol::new("aaa", 0xffff_ffff_c000_0000, 't'),
+            Symbol::new("helper", 0xffff_ffff_8100_0100, 't'),
+            Symbol::new("zzz", 0x10, 'A'),
+            Symbol::new("mid", 0xffff_ffff_8100_0150, 'T'),
+        ];
+        merged.merge(more.clone());
+        let mut all = table().into_vec();
+        all.extend(more);
+        let rebuilt = SymbolTable::new(all);
+        assert_eq!(merged.name_index(), rebuilt.name_index());
+        assert_eq!(merged.address_index(), rebuilt.address_index());
+        assert_eq!(
+            merged.describe(0xffff_ffff_8100_0160).as_deref(),
+            Some("mid+0x10")
+        );
+    }
+
+    #[test]
+    fn index_hints_are_checked_before_use() {
+        let t = table();
+        let (by_name, by_address) = (t.name_index().to_vec(), t.address_index().to_vec());
+        let symbols = t.clone().into_vec();
+        let (hinted, used) =
+            SymbolTable::with_index_hints(symbols.clone(), by_name.clone(), by_address.clone());
+        assert!(used);
+        assert_eq!(hinted.name_index(), t.name_index());
+
+        let mut swapped = by_name.clone();
+        swapped.swap(0, 1);
+        let mut duplicated = by_name.clone();
+        duplicated[1] = duplicated[0];
+        let mut out_of_range = by_name.clone();
+        out_of_range[2] = 99;
+        let mut with_absolute = by_address.clone();
+        with_absolute[0] = 0; // fixed_percpu_data, an absolute symbol
+        let bad: [(Vec<u32>, Vec<u32>); 6] = [
+            (swapped, by_address.clone()),
+            (duplicated, by_address.clone()),
+            (out_of_range, by_address.clone()),
+            (by_name[1..].to_vec(), by_address.clone()),
+            (by_name.clone(), with_absolute),
+            (by_name.clone(), Vec::new()),
+        ];
+        for (names, addresses) in bad {
+            let (rebuilt, used) = SymbolTable::with_index_hints(symbols.clone(), names, addresses);
+            assert!(!used);
+            assert_eq!(rebuilt.name_index(), t.name_index());
+            assert_eq!(rebuilt.address_index(), t.address_index());
+        }
     }
 }

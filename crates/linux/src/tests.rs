@@ -449,3 +449,344 @@ fn offset_rules() {
         0x7fff_ffff
     );
 }
+
+const BUILD: &str = "00112233445566778899aabbccddeeff00112233";
+
+fn cached(dir: &std::path::Path) -> DiscoverOptions {
+    DiscoverOptions {
+        cache: Some(ProfileCache::new(dir)),
+        ..DiscoverOptions::default()
+    }
+}
+
+fn symbols_outcome(kernel: &Kernel<'_>) -> CacheUse {
+    kernel.profile_cache().unwrap().symbols
+}
+
+/// Guest-physical address of a kernel virtual address in the fake guest's image.
+fn image_phys(va: u64) -> Gpa {
+    Gpa(va - TEXT + TEXT_PHYS)
+}
+
+/// Renames `test_helper` to `test_Helper` in the guest's `kallsyms_names` (its characters are
+/// tokens of their own in the test encoding).
+fn rename_helper(fake: &Fake) {
+    let at = fake
+        .blob
+        .bytes
+        .windows(10)
+        .position(|w| w == b"est_helper")
+        .unwrap();
+    let va = fake.blob.base + at as u64 + 4;
+    assert!(va > fake.blob.location.names && va < fake.blob.location.token_table);
+    fake.mem.write_bytes(image_phys(va), b"H").unwrap();
+}
+
+#[test]
+fn cached_names_are_used_only_for_the_bytes_they_came_from() {
+    use kallsyms::{decode_cached, CachedNames};
+    let good = blob();
+    let fresh = decode(&mut flat(&good), &good.location, DecodeOptions::default()).unwrap();
+    let names = CachedNames {
+        source: fresh.source,
+        symbols: fresh
+            .symbols
+            .iter()
+            .map(|s| Symbol::new(s.name.clone(), 0, s.kind))
+            .collect(),
+    };
+    let hit = decode_cached(
+        &mut flat(&good),
+        &good.location,
+        DecodeOptions::default(),
+        names.clone(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(hit.symbols, fresh.symbols);
+    assert_eq!((hit.source, hit.rule), (fresh.source, fresh.rule));
+
+    // Another boot of the same build: KASLR moved everything, the names arrays are the same
+    // bytes, and the addresses come from the moved guest.
+    let delta = 0x4a0_0000;
+    let owned = symbols();
+    let shifted: Vec<(char, &str, u64)> = owned
+        .iter()
+        .map(|(k, n, a)| (*k, n.as_str(), if *k == 'A' { *a } else { a + delta }))
+        .collect();
+    let moved = encode(BLOB_VA + delta, TEXT + delta, &shifted);
+    let hit = decode_cached(
+        &mut flat(&moved),
+        &moved.location,
+        DecodeOptions::default(),
+        names.clone(),
+    )
+    .unwrap()
+    .unwrap();
+    for (got, (kind, name, address)) in hit.symbols.iter().zip(&shifted) {
+        assert_eq!(
+            (got.kind, got.name.as_str(), got.address),
+            (*kind, *name, *address)
+        );
+    }
+
+    // Any change to the count, the names, the token table or the token index is a miss.
+    let start = offset_of(&good, good.location.num_syms);
+    for at in start..good.bytes.len() {
+        let mut b = good.clone();
+        b.bytes[at] ^= 0x01;
+        match decode_cached(
+            &mut flat(&b),
+            &b.location,
+            DecodeOptions::default(),
+            names.clone(),
+        ) {
+            Ok(Ok(_)) => panic!("byte {at} changed, cached names still used"),
+            Ok(Err(back)) => assert_eq!(back, names),
+            Err(_) => {}
+        }
+    }
+    // Names cached for a different count are not used either.
+    let mut short = names.clone();
+    short.symbols.pop();
+    assert!(decode_cached(
+        &mut flat(&good),
+        &good.location,
+        DecodeOptions::default(),
+        short
+    )
+    .unwrap()
+    .is_err());
+}
+
+#[test]
+fn second_discovery_comes_from_the_cache_and_agrees() {
+    let fake = fake_guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    let first = Kernel::discover(&fake.mem, None, &options).unwrap();
+    let report = first.profile_cache().unwrap();
+    assert_eq!(report.build_id.as_deref(), Some(BUILD));
+    assert!(
+        matches!(report.symbols, CacheUse::Miss { stored: true, .. }),
+        "{report:?}"
+    );
+    assert!(!report.vmcoreinfo_remembered);
+
+    let second = Kernel::discover(&fake.mem, None, &options).unwrap();
+    let report = second.profile_cache().unwrap();
+    assert!(matches!(report.symbols, CacheUse::Hit { .. }), "{report:?}");
+    assert!(report.vmcoreinfo_remembered);
+    assert_eq!(
+        second.provenance().vmcoreinfo,
+        VmcoreinfoSource::Remembered {
+            gpa: Gpa(0x80_0000),
+            build_id: BUILD.into()
+        }
+    );
+    let steps: Vec<&str> = second.provenance().steps.iter().map(|s| s.name).collect();
+    assert!(!steps.contains(&"vmcoreinfo-scan"), "{steps:?}");
+    assert!(steps.contains(&"kallsyms-cached"), "{steps:?}");
+    assert!(!steps.contains(&"profile-cache-write"), "{steps:?}");
+    check_symbols(second.symbols());
+    assert_eq!(first.symbols().as_slice(), second.symbols().as_slice());
+    assert_eq!(first.symbols().name_index(), second.symbols().name_index());
+    assert_eq!(first.layout(), second.layout());
+    assert!(second.provenance().missing.is_empty());
+
+    // Without a cache nothing is reported.
+    let plain = Kernel::discover(&fake.mem, None, &DiscoverOptions::default()).unwrap();
+    assert!(plain.profile_cache().is_none());
+}
+
+#[test]
+fn kallsyms_changed_after_caching_are_decoded_afresh() {
+    let fake = fake_guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    Kernel::discover(&fake.mem, None, &options).unwrap();
+    rename_helper(&fake);
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    match symbols_outcome(&kernel) {
+        CacheUse::Miss { reason, stored } => {
+            assert!(reason.contains("differ"), "{reason}");
+            assert!(stored);
+        }
+        other => panic!("stale names used: {other:?}"),
+    }
+    assert!(kernel.symbols().lookup("test_Helper").is_some());
+    assert!(kernel.symbols().lookup("test_helper").is_none());
+    // The entry was rewritten from the new bytes.
+    let again = Kernel::discover(&fake.mem, None, &options).unwrap();
+    assert!(matches!(symbols_outcome(&again), CacheUse::Hit { .. }));
+    assert!(again.symbols().lookup("test_Helper").is_some());
+}
+
+#[test]
+fn a_guest_claiming_the_same_build_cannot_poison_the_cache() {
+    let honest = fake_guest(false);
+    let hostile = fake_guest(false);
+    rename_helper(&hostile);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    Kernel::discover(&honest.mem, None, &options).unwrap();
+    // The hostile guest gets its own names, not the honest guest's, and its entry replaces
+    // the honest one...
+    let kernel = Kernel::discover(&hostile.mem, None, &options).unwrap();
+    assert!(matches!(
+        symbols_outcome(&kernel),
+        CacheUse::Miss { stored: true, .. }
+    ));
+    assert!(kernel.symbols().lookup("test_Helper").is_some());
+    // ...which the honest guest then refuses: it never sees the hostile names.
+    let kernel = Kernel::discover(&honest.mem, None, &options).unwrap();
+    assert!(matches!(symbols_outcome(&kernel), CacheUse::Miss { .. }));
+    check_symbols(kernel.symbols());
+    assert!(kernel.symbols().lookup("test_Helper").is_none());
+}
+
+#[test]
+fn a_corrupt_cache_file_is_ignored_and_rewritten() {
+    let fake = fake_guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    Kernel::discover(&fake.mem, None, &options).unwrap();
+    let path = ProfileCache::new(dir.path())
+        .path(BUILD, profile_cache::EntryKind::Symbols)
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Rename a symbol inside the file without fixing the checksum.
+    let at = bytes.windows(11).position(|w| w == b"test_helper").unwrap();
+    bytes[at] = b'T';
+    std::fs::write(&path, &bytes).unwrap();
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    match symbols_outcome(&kernel) {
+        CacheUse::Miss { reason, stored } => {
+            assert!(reason.contains("checksum"), "{reason}");
+            assert!(stored);
+        }
+        other => panic!("edited cache file used: {other:?}"),
+    }
+    check_symbols(kernel.symbols());
+    // Truncated to its header: the same.
+    std::fs::write(&path, &bytes[..profile_cache::HEADER_LEN]).unwrap();
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    assert!(matches!(
+        symbols_outcome(&kernel),
+        CacheUse::Miss { stored: true, .. }
+    ));
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    assert!(matches!(symbols_outcome(&kernel), CacheUse::Hit { .. }));
+    check_symbols(kernel.symbols());
+}
+
+#[test]
+fn a_remembered_address_holding_a_forged_copy_falls_back_to_the_scan() {
+    let fake = fake_guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    Kernel::discover(&fake.mem, None, &options).unwrap();
+    // Point the remembered address at the planted copy (same build id, wrong release).
+    let store = ProfileCache::new(dir.path());
+    let Some(profile_cache::CacheFile::Symbols(mut entry)) = store
+        .load(BUILD, profile_cache::EntryKind::Symbols)
+        .unwrap()
+    else {
+        panic!("no symbols entry")
+    };
+    entry.vmcoreinfo_gpa = Some(Gpa(0x10_0000));
+    store
+        .store(&profile_cache::CacheFile::Symbols(entry))
+        .unwrap();
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    match &kernel.provenance().vmcoreinfo {
+        VmcoreinfoSource::Scan { chosen, .. } => assert_eq!(*chosen, Gpa(0x80_0000)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kernel.release(), RELEASE);
+    check_symbols(kernel.symbols());
+    // The names were still good; the address was corrected.
+    assert!(matches!(symbols_outcome(&kernel), CacheUse::Hit { .. }));
+    assert_eq!(store.hints(), vec![(BUILD.to_string(), Gpa(0x80_0000))]);
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    assert!(kernel.profile_cache().unwrap().vmcoreinfo_remembered);
+}
+
+#[test]
+fn an_unwritable_cache_is_no_error() {
+    let fake = fake_guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"").unwrap();
+    let options = cached(&dir.path().join("file").join("profiles"));
+    let kernel = Kernel::discover(&fake.mem, None, &options).unwrap();
+    assert!(matches!(
+        symbols_outcome(&kernel),
+        CacheUse::Miss { stored: false, .. }
+    ));
+    check_symbols(kernel.symbols());
+}
+
+/// A fake guest whose VMCOREINFO (provided, as from a dump) also locates a BTF blob.
+fn with_btf(fake: &Fake) -> (String, Vec<u8>) {
+    let mut b = kvmaccess_btf::encode::BtfBuilder::new();
+    let int = b.int("int", 4, true);
+    let long = b.int("long", 8, true);
+    b.struct_(
+        "task_struct",
+        16,
+        &[("pid", int, 0, 0), ("flags", long, 64, 0)],
+    );
+    b.struct_(
+        "list_head",
+        16,
+        &[("next", long, 0, 0), ("prev", long, 64, 0)],
+    );
+    let blob = b.build();
+    let at = TEXT + 0x50_0000;
+    fake.mem.write_bytes(image_phys(at), &blob).unwrap();
+    let mut text = vmcoreinfo_text(&fake.blob, fake.root.0 - TEXT_PHYS + TEXT, RELEASE, false);
+    text.pop();
+    text.push_str(&format!(
+        "SYMBOL(__start_BTF)={at:x}\nSYMBOL(__stop_BTF)={:x}\n",
+        at + blob.len() as u64
+    ));
+    (text, blob)
+}
+
+#[test]
+fn btf_name_index_is_cached_and_checked() {
+    let fake = fake_guest(false);
+    let (text, blob) = with_btf(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let options = cached(dir.path());
+    let first = Kernel::from_vmcoreinfo_text(&fake.mem, &text, &options).unwrap();
+    assert_eq!(first.profile_cache().unwrap().types, CacheUse::Unused);
+    let types = first.load_types().unwrap();
+    assert!(matches!(
+        first.profile_cache().unwrap().types,
+        CacheUse::Miss { stored: true, .. }
+    ));
+    let second = Kernel::from_vmcoreinfo_text(&fake.mem, &text, &options).unwrap();
+    assert_eq!(second.provenance().vmcoreinfo, VmcoreinfoSource::Provided);
+    assert!(matches!(symbols_outcome(&second), CacheUse::Hit { .. }));
+    let cached_types = second.load_types().unwrap();
+    assert!(matches!(
+        second.profile_cache().unwrap().types,
+        CacheUse::Hit { .. }
+    ));
+    assert_eq!(cached_types.btf.name_index(), types.btf.name_index());
+    assert_eq!(cached_types.offset_of("task_struct", "flags").unwrap(), 8);
+
+    // A changed blob (one member renamed in the string table) is parsed afresh.
+    let at = blob.windows(5).position(|w| w == b"flags").unwrap();
+    fake.mem
+        .write_bytes(image_phys(TEXT + 0x50_0000 + at as u64), b"g")
+        .unwrap();
+    let third = Kernel::from_vmcoreinfo_text(&fake.mem, &text, &options).unwrap();
+    let changed = third.load_types().unwrap();
+    assert!(matches!(
+        third.profile_cache().unwrap().types,
+        CacheUse::Miss { .. }
+    ));
+    assert!(changed.offset_of("task_struct", "flags").is_err());
+}

@@ -6,6 +6,7 @@ use std::time::Instant;
 use kvmaccess_btf::Btf;
 use kvmaccess_core::Gva;
 
+use crate::profile_cache::{btf_digest, CacheFile, CacheUse, EntryKind, TypesEntry};
 use crate::{Error, Kernel, Result};
 
 /// Largest BTF blob accepted; the 6.1 kernel's is 4 MiB, a guest claiming more is lying.
@@ -97,11 +98,85 @@ impl Kernel<'_> {
             )))?
         ];
         self.read(Gva(start), &mut blob)?;
-        let mut types = KernelTypes::from_btf_bytes(
-            &blob,
-            &format!("the kernel BTF at {start:#x} ({len} bytes)"),
-        )?;
+        let origin = format!("the kernel BTF at {start:#x} ({len} bytes)");
+        let mut types = match self.cache_key() {
+            Some((store, build_id)) => {
+                let (types, outcome) = self.parse_btf_cached(store, build_id, &blob, &origin)?;
+                self.record_types_cache(outcome);
+                types
+            }
+            None => KernelTypes::from_btf_bytes(&blob, &origin)?,
+        };
         types.elapsed = started.elapsed();
         Ok(types)
+    }
+
+    /// Parses the blob with the name index cached for this build when the blob hashes as it
+    /// did then; otherwise parses it in full and caches its index.
+    fn parse_btf_cached(
+        &self,
+        store: &crate::ProfileCache,
+        build_id: &str,
+        blob: &[u8],
+        origin: &str,
+    ) -> Result<(KernelTypes, CacheUse)> {
+        let started = Instant::now();
+        let entry = store.load(build_id, EntryKind::Types);
+        let load = started.elapsed();
+        let started = Instant::now();
+        let digest = btf_digest(blob);
+        let validate = started.elapsed();
+        let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
+        let hint = match entry {
+            Ok(Some(CacheFile::Types(entry)))
+                if entry.digest == digest
+                    && entry.blob_len == blob_len
+                    && entry.release == self.profile.release =>
+            {
+                Ok(entry.name_index)
+            }
+            Ok(Some(_)) => {
+                Err("the guest's BTF differs from the cached entry's source".to_string())
+            }
+            Ok(None) => Err("no entry for this build yet".to_string()),
+            Err(e) => {
+                tracing::debug!("profile cache entry ignored: {e}");
+                Err(e.to_string())
+            }
+        };
+        let parsed = Btf::parse_with_name_index(blob, hint.as_deref().unwrap_or_default());
+        let (btf, hinted) = parsed.map_err(|source| Error::Btf {
+            what: origin.to_string(),
+            source,
+        })?;
+        let outcome = if hinted {
+            CacheUse::Hit { load, validate }
+        } else {
+            let reason = hint
+                .err()
+                .unwrap_or_else(|| "the cached name index does not fit the BTF".to_string());
+            let entry = CacheFile::Types(TypesEntry {
+                build_id: build_id.to_string(),
+                release: self.profile.release.clone(),
+                digest,
+                blob_len,
+                name_index: btf.name_index().to_vec(),
+            });
+            let stored = match store.store(&entry) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!("profile cache not written: {e}");
+                    false
+                }
+            };
+            CacheUse::Miss { reason, stored }
+        };
+        let types = KernelTypes {
+            btf,
+            origin: origin.to_string(),
+            bytes: blob_len,
+            elapsed: started.elapsed(),
+        };
+        Ok((types, outcome))
     }
 }

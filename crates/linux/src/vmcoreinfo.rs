@@ -502,6 +502,17 @@ fn push_candidate(
     true
 }
 
+/// The text at `gpa` when it starts like VMCOREINFO (an address remembered from an earlier
+/// attach, which may hold anything by now).
+pub(crate) fn read_candidate(mem: &dyn PhysicalMemory, gpa: Gpa) -> Option<Vec<u8>> {
+    let mut magic = [0u8; MAGIC.len()];
+    mem.read_phys(gpa, &mut magic).ok()?;
+    if magic != MAGIC {
+        return None;
+    }
+    read_text(mem, gpa)
+}
+
 /// The text at `gpa`, up to its NUL or one page, shortened to what is readable.
 fn read_text(mem: &dyn PhysicalMemory, gpa: Gpa) -> Option<Vec<u8>> {
     let mut len = CANDIDATE_READ;
