@@ -29,7 +29,7 @@ use kvmaccess_btf::{Btf, Kind, TypeId, TypeInfo};
 use kvmaccess_core::Gva;
 use serde::{Serialize, Serializer};
 
-use crate::{Error, Kernel, KernelTypes, Result, SymbolTable};
+use crate::{Error, Kernel, KernelTypes, Result, SymbolSource, SymbolTable};
 
 /// ISF format version written: the newest that Volatility 3 2.x implements.
 pub const ISF_FORMAT: &str = "6.2.0";
@@ -268,6 +268,9 @@ pub struct IsfInput<'a> {
     /// Guest memory, to trim the zero padding after arrays whose length is inferred from the
     /// next symbol (`taint_flags`, the system-call tables); without it they keep the padding.
     pub memory: Option<ReadKernel<'a>>,
+    /// Where the symbols and types came from, in words, for the metadata; `None` says guest
+    /// memory.
+    pub sources: Option<&'a str>,
 }
 
 impl std::fmt::Debug for IsfInput<'_> {
@@ -278,6 +281,7 @@ impl std::fmt::Debug for IsfInput<'_> {
             .field("banner", &self.banner.map(<[u8]>::len))
             .field("release", &self.release)
             .field("memory", &self.memory.is_some())
+            .field("sources", &self.sources)
             .finish()
     }
 }
@@ -288,6 +292,12 @@ impl Kernel<'_> {
     pub fn export_isf(&self, types: &KernelTypes) -> Result<Isf> {
         let banner = self.linux_banner_bytes()?;
         let read = |address: u64, buf: &mut [u8]| self.read(Gva(address), buf).is_ok();
+        let symbols = match &self.provenance().symbols {
+            SymbolSource::Kallsyms { .. } => "kallsyms read from guest memory",
+            SymbolSource::SystemMap { .. } => "a System.map moved by the KASLR slide",
+            SymbolSource::Absent(_) => "no symbol table",
+        };
+        let sources = format!("symbols: {symbols}; types: {}", types.origin);
         build_isf(
             &types.btf,
             &IsfInput {
@@ -296,6 +306,7 @@ impl Kernel<'_> {
                 banner: Some(&banner),
                 release: self.release(),
                 memory: Some(&read),
+                sources: Some(&sources),
             },
         )
     }
@@ -352,10 +363,13 @@ pub fn build_isf(btf: &Btf, input: &IsfInput<'_>) -> Result<Isf> {
             linux: LinuxSources {
                 symbols: vec![SourceItem {
                     kind: "symtab".to_string(),
-                    name: format!(
-                        "kallsyms and BTF of Linux {} read from guest memory",
-                        input.release
-                    ),
+                    name: match input.sources {
+                        Some(sources) => format!("Linux {}: {sources}", input.release),
+                        None => format!(
+                            "kallsyms and BTF of Linux {} read from guest memory",
+                            input.release
+                        ),
+                    },
                 }],
             },
         },

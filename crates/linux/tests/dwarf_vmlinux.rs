@@ -322,6 +322,7 @@ fn dwarf_types_match_the_kernel_btf() {
         banner: None,
         release: "test",
         memory: None,
+        sources: None,
     };
     let (isf_ref, isf_ours) = (
         build_isf(rb, &input).unwrap(),

@@ -122,6 +122,7 @@ fn build() -> Isf {
             banner: Some(BANNER),
             release: "6.1.0-test",
             memory: Some(&memory),
+            sources: None,
         },
     )
     .unwrap()
@@ -420,9 +421,15 @@ fn hostile_btf_gives_a_complete_document() {
             banner: None,
             release: "x",
             memory: None,
+            sources: Some("symbols: a System.map; types: DWARF of vmlinux-x"),
         },
     )
     .unwrap();
+    // The metadata says where a profile not read from guest memory came from.
+    assert_eq!(
+        json(&isf)["metadata"]["linux"]["symbols"][0]["name"],
+        "Linux x: symbols: a System.map; types: DWARF of vmlinux-x"
+    );
     assert!(isf.undefined_references().is_empty());
     assert!(isf.stats.cut_chains > 0);
     assert_eq!(isf.stats.renamed_duplicates, 1);
