@@ -57,10 +57,14 @@ pub struct BootArgs {
     /// How long to wait for the guest to be ready.
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Let the guest reboot (by default a reboot or a panic ends QEMU, so a crashed guest never
-    /// loops silently).
+    /// Let the guest reboot (by default a reboot ends QEMU, and so does a panic the guest
+    /// cannot report through pvpanic, so a crashed guest never loops silently).
     #[arg(long)]
     allow_reboot: bool,
+    /// Leave out the pvpanic device. With it, a guest that loads its driver (`pvpanic-mmio`)
+    /// reports a panic to QEMU, which pauses it for a dump and tells `watch`.
+    #[arg(long)]
+    no_pvpanic: bool,
     /// Extra arguments passed to QEMU as they are (repeatable).
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     qemu_args: Vec<String>,
@@ -138,7 +142,8 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
     }
     let mut config = LaunchConfig::new(&kernel, &run_dir);
     config.initrd = initrd;
-    // panic=-1 with -no-reboot makes a panicking guest end QEMU instead of hanging silently.
+    // panic=-1 with -no-reboot makes a panicking guest end QEMU instead of hanging silently;
+    // with pvpanic the panic notifier pauses it first (QEMU state `guest-panicked`).
     config.append = format!("console=ttyS0 panic=-1 quiet {}", args.append)
         .trim()
         .to_string();
@@ -147,6 +152,7 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
     config.cpu = args.cpu.clone();
     config.extra_args = args.qemu_args.clone();
     config.no_reboot = !args.allow_reboot;
+    config.pvpanic = !args.no_pvpanic;
     config.accel = match args.accel {
         AccelArg::Auto => Accel::Auto,
         AccelArg::Kvm => Accel::Kvm,

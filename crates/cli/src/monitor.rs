@@ -19,7 +19,7 @@ use kvmaccess_linux::{Kernel, ModuleOffsets, SymbolTable};
 use kvmaccess_x86::AddressSpace;
 use serde::Serialize;
 
-use crate::linux::{kernel_types, open_kernel};
+use crate::linux::{kernel_types, open_kernel, ProfileArgs};
 use crate::output::print_json;
 use crate::parse::parse_duration;
 use crate::target::{check_output_path, Access, Target};
@@ -597,79 +597,45 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         Some(format!("baseline {}", cmd.baseline.display())),
     ))?;
 
-    let mut kernel = Some(open_kernel(&target, &args.profile)?);
-    let mut types = kernel
-        .as_ref()
-        .and_then(|k| kernel_types(k, &args.profile).ok());
-    let mut modules = kernel.as_ref().map(ModuleTracker::new);
-    let mut active: BTreeMap<String, Finding> = BTreeMap::new();
+    let kernel = open_kernel(&target, &args.profile)?;
+    let mut guest = Watched {
+        types: kernel_types(&kernel, &args.profile).ok(),
+        modules: Some(ModuleTracker::new(&kernel)),
+        kernel: Some(kernel),
+        active: BTreeMap::new(),
+        paused: false,
+        panicked: false,
+    };
     let mut passes = 0u64;
     let mut cpu_total = Duration::ZERO;
-    let mut guest_paused = false;
     loop {
-        // Events first: they change what a pass means (a reboot means a new kernel layout).
-        while let Some(ev) = vm.qmp().try_recv_event() {
-            match ev.name.as_str() {
-                "STOP" => {
-                    guest_paused = true;
-                    sink.emit(&event("guest-paused", None))?;
-                }
-                "RESUME" => {
-                    guest_paused = false;
-                    sink.emit(&event("guest-resumed", None))?;
-                }
-                "RESET" => {
-                    sink.emit(&event(
-                        "guest-rebooted",
-                        Some("re-discovering the kernel".into()),
-                    ))?;
-                    kernel = None;
-                    types = None;
-                    modules = None;
-                    active.clear();
-                }
-                "GUEST_PANICKED" => {
-                    sink.emit(&event("guest-panicked", Some(ev.data.to_string())))?;
-                    for action in &cmd.on_finding {
-                        if let Action::Dump(dir) = action {
-                            let path = dump_to(&target, dir, "panic")?;
-                            sink.emit(&event("dumped", Some(path.display().to_string())))?;
-                        }
-                    }
-                }
-                "SHUTDOWN" => {
-                    sink.emit(&event("guest-shutdown", Some(ev.data.to_string())))?;
-                }
-                name if ev.is_connection_closed() || name == "KVMACCESS_CONNECTION_CLOSED" => {
-                    sink.emit(&event("qemu-exited", None))?;
-                    bail!("QEMU exited; the watch ends");
-                }
-                _ => {}
-            }
-        }
+        // Events first: they change what a pass means (a reboot means a new kernel layout). A
+        // panicked guest has nothing to check, so the watch sleeps on QMP until something
+        // happens to it rather than polling.
+        let wait = if guest.panicked {
+            cmd.interval
+        } else {
+            Duration::ZERO
+        };
+        guest.handle_events(&target, &args.profile, cmd, &mut sink, wait)?;
         if vm.qmp().is_closed() {
             sink.emit(&event("qemu-exited", None))?;
             bail!("QEMU exited; the watch ends");
         }
-        if kernel.is_none() {
+        if guest.panicked {
+            sink.status("guest panicked: no checks until it is reset");
+            continue;
+        }
+        if guest.kernel.is_none() {
             // After a reboot the kernel needs a moment to publish VMCOREINFO again; retry each
             // interval until it does.
-            // Guest RAM survives a reset: the old kernel's VMCOREINFO and page tables are still
-            // there and would validate. Only a kernel whose page tables the CPU runs on now is
-            // the new one, and only once it has published its own VMCOREINFO.
-            match open_kernel(&target, &args.profile).and_then(|k| {
-                if kernel_runs_on_cpu(&k, &target)? {
-                    Ok(k)
-                } else {
-                    bail!("the CPU does not run on this kernel's page tables yet")
-                }
-            }) {
-                Ok(k) => {
+            match find_new_kernel(&target, &args.profile) {
+                Ok((k, types)) => {
                     if let Err(e) = baseline.check_compatible(&k) {
                         sink.emit(&event("baseline-mismatch", Some(e.to_string())))?;
                         bail!("the guest now runs another kernel build: {e}");
                     }
-                    types = kernel_types(&k, &args.profile).ok();
+                    guest.types = types;
                     sink.emit(&event(
                         "kernel-found",
                         Some(format!(
@@ -678,8 +644,8 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                             k.layout().kaslr_offset
                         )),
                     ))?;
-                    modules = Some(ModuleTracker::new(&k));
-                    kernel = Some(k);
+                    guest.modules = Some(ModuleTracker::new(&k));
+                    guest.kernel = Some(k);
                 }
                 Err(_) => {
                     std::thread::sleep(cmd.interval);
@@ -687,12 +653,19 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                 }
             }
         }
-        let Some(k) = kernel.as_mut() else {
+        let Some(k) = guest.kernel.as_mut() else {
             continue;
         };
-        let tracker = modules.get_or_insert_with(|| ModuleTracker::new(k));
+        let tracker = guest.modules.get_or_insert_with(|| ModuleTracker::new(k));
         let pass_started = Instant::now();
-        let report = match run_pass(k, &target, types.as_ref(), &baseline, &checks, tracker) {
+        let report = match run_pass(
+            k,
+            &target,
+            guest.types.as_ref(),
+            &baseline,
+            &checks,
+            tracker,
+        ) {
             Ok(report) => report,
             Err(e) => {
                 sink.emit(&event("pass-failed", Some(format!("{e:#}"))))?;
@@ -700,25 +673,31 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                 continue;
             }
         };
-        let k = &*k;
+        // A panic or reset during the pass: its findings describe a dying or departed kernel.
+        if guest.handle_events(&target, &args.profile, cmd, &mut sink, Duration::ZERO)? {
+            continue;
+        }
+        let Some(k) = guest.kernel.as_ref() else {
+            continue;
+        };
         passes += 1;
         cpu_total += report.cpu;
         handle_report(
             &target,
             k,
             &baseline,
-            types.as_ref(),
+            guest.types.as_ref(),
             cmd,
             &report,
-            &mut active,
+            &mut guest.active,
             &mut sink,
         )?;
         sink.status(&format!(
             "watching: pass {passes}, {} active finding(s), {} alarm(s), last pass {:.2} ms CPU{}",
-            active.len(),
-            active.values().filter(|f| !f.is_info()).count(),
+            guest.active.len(),
+            guest.active.values().filter(|f| !f.is_info()).count(),
             report.cpu.as_secs_f64() * 1e3,
-            if guest_paused { ", guest paused" } else { "" }
+            if guest.paused { ", guest paused" } else { "" }
         ));
         if cmd.passes.is_some_and(|n| passes >= n) {
             sink.emit(&event(
@@ -731,6 +710,266 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(cmd.interval.saturating_sub(pass_started.elapsed()));
+    }
+}
+
+/// The kernel the CPU runs on now.
+///
+/// Guest RAM survives a reset: the old kernel's VMCOREINFO and page tables are still there and
+/// would validate. Only a kernel whose page tables the CPU runs on now is the new one, and only
+/// once it has published its own VMCOREINFO.
+fn current_kernel<'t>(target: &'t Target, profile: &ProfileArgs) -> Result<Kernel<'t>> {
+    let kernel = open_kernel(target, profile)?;
+    if !kernel_runs_on_cpu(&kernel, target)? {
+        bail!("the CPU does not run on this kernel's page tables yet");
+    }
+    Ok(kernel)
+}
+
+/// The kernel the guest runs after a reset, and its types, once it has booted: it publishes
+/// VMCOREINFO in the middle of its init calls, while it still writes the data it then makes
+/// read-only, and early enough that its symbols may not be readable yet (discovery then
+/// returns a kernel without them, which no check could use).
+fn find_new_kernel<'t>(
+    target: &'t Target,
+    profile: &ProfileArgs,
+) -> Result<(Kernel<'t>, Option<kvmaccess_linux::KernelTypes>)> {
+    let kernel = current_kernel(target, profile)?;
+    kvmaccess_integrity::AddressMap::from_kernel(&kernel)
+        .context("the new kernel's symbols are not readable yet")?;
+    let types = kernel_types(&kernel, profile).ok();
+    if let Some(types) = &types {
+        if !finished_booting(&kernel, types)? {
+            bail!("the kernel is still booting");
+        }
+    }
+    Ok((kernel, types))
+}
+
+/// Whether the kernel's `system_state` has reached `SYSTEM_RUNNING`, which it sets after it has
+/// freed its init memory and write-protected its read-only-after-init data.
+fn finished_booting(kernel: &Kernel<'_>, types: &kvmaccess_linux::KernelTypes) -> Result<bool> {
+    // The enumerators' values changed across releases (SYSTEM_FREEING_INITMEM came in 5.x),
+    // so they are taken from the kernel's own BTF.
+    let running = types
+        .btf
+        .enum_value("system_states", "SYSTEM_RUNNING")
+        .context("enum system_states in the kernel's BTF")?;
+    let at = kernel.symbol("system_state")?;
+    let mut raw = [0u8; 4];
+    kernel.read(Gva(at), &mut raw)?;
+    Ok(i128::from(u32::from_le_bytes(raw)) >= running)
+}
+
+/// What the watch knows about the guest between passes.
+struct Watched<'t> {
+    /// `None` from a reset until the new kernel is found.
+    kernel: Option<Kernel<'t>>,
+    types: Option<kvmaccess_linux::KernelTypes>,
+    modules: Option<ModuleTracker>,
+    /// Findings reported and not yet cleared, by [`finding_key`].
+    active: BTreeMap<String, Finding>,
+    paused: bool,
+    /// Set by a panic, cleared by a reset: panic() never returns, so until the guest is reset
+    /// its kernel is half-dead (other CPUs stopped, or a crash kernel running in its place) and
+    /// a comparison with the baseline could only produce false alarms.
+    panicked: bool,
+}
+
+impl<'t> Watched<'t> {
+    /// Reports and applies the queued QMP events, first waiting up to `wait` for one; says
+    /// whether the guest panicked or was reset. QEMU's exit ends the watch with an error.
+    fn handle_events(
+        &mut self,
+        target: &'t Target,
+        profile: &ProfileArgs,
+        cmd: &WatchArgs,
+        sink: &mut EventSink,
+        wait: Duration,
+    ) -> Result<bool> {
+        let Target::Live(vm) = target else {
+            return Ok(false);
+        };
+        let mut changed = false;
+        let mut next = if wait.is_zero() {
+            vm.qmp().try_recv_event()
+        } else {
+            vm.qmp().wait_event(wait)
+        };
+        while let Some(ev) = next {
+            match ev.name.as_str() {
+                "STOP" => {
+                    self.paused = true;
+                    sink.emit(&event("guest-paused", None))?;
+                }
+                "RESUME" => {
+                    self.paused = false;
+                    sink.emit(&event("guest-resumed", None))?;
+                }
+                "RESET" => {
+                    sink.emit(&event(
+                        "guest-rebooted",
+                        Some("re-discovering the kernel".into()),
+                    ))?;
+                    self.kernel = None;
+                    self.types = None;
+                    self.modules = None;
+                    self.active.clear();
+                    self.panicked = false;
+                    changed = true;
+                }
+                // GUEST_CRASHLOADED: the kernel panicked with a kdump kernel loaded, which now
+                // runs in its place; for the watch that is a panic all the same.
+                "GUEST_PANICKED" | "GUEST_CRASHLOADED" => {
+                    self.on_panic(target, profile, cmd, sink, &ev)?;
+                    self.panicked = true;
+                    changed = true;
+                }
+                "SHUTDOWN" => {
+                    sink.emit(&event("guest-shutdown", Some(ev.data.to_string())))?;
+                }
+                name if ev.is_connection_closed() || name == "KVMACCESS_CONNECTION_CLOSED" => {
+                    sink.emit(&event("qemu-exited", None))?;
+                    bail!("QEMU exited; the watch ends");
+                }
+                _ => {}
+            }
+            next = vm.qmp().try_recv_event();
+        }
+        Ok(changed)
+    }
+
+    /// Reports a panic with what the panicked kernel logged, and dumps the guest if asked. A
+    /// dump that fails is reported without ending the watch: the guest's life goes on.
+    fn on_panic(
+        &self,
+        target: &'t Target,
+        profile: &ProfileArgs,
+        cmd: &WatchArgs,
+        sink: &mut EventSink,
+        ev: &kvmaccess_qemu::QmpEvent,
+    ) -> Result<()> {
+        // After a reset the old kernel's log is still in RAM, so only a kernel the CPU runs on
+        // is asked for the panic message.
+        let fresh;
+        let (kernel, types) = match &self.kernel {
+            Some(k) => (Some(k), self.types.as_ref()),
+            None => {
+                // Not find_new_kernel: a kernel that panics while booting never finished.
+                fresh = current_kernel(target, profile).ok().map(|k| {
+                    let types = kernel_types(&k, profile).ok();
+                    (k, types)
+                });
+                match &fresh {
+                    Some((k, types)) => (Some(k), types.as_ref()),
+                    None => (None, None),
+                }
+            }
+        };
+        let log = panic_log(kernel, types);
+        sink.emit(&PanicLine::new(&ev.name, &ev.data, log))?;
+        for action in &cmd.on_finding {
+            if let Action::Dump(dir) = action {
+                match dump_to(target, dir, "panic") {
+                    Ok(path) => sink.emit(&event("dumped", Some(path.display().to_string())))?,
+                    Err(e) => sink.emit(&event("dump-failed", Some(format!("{e:#}"))))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many of the kernel log's last lines a `guest-panicked` line carries: enough for the
+/// panic message and the stack dump printed before the panic notifiers run.
+const PANIC_LOG_LINES: usize = 40;
+
+/// What the panicked kernel logged: its panic message and last lines, or why they are missing.
+struct PanicLog {
+    message: Option<String>,
+    lines: Vec<String>,
+    unreadable: Option<String>,
+}
+
+fn panic_log(
+    kernel: Option<&Kernel<'_>>,
+    types: Option<&kvmaccess_linux::KernelTypes>,
+) -> PanicLog {
+    let records = match (kernel, types) {
+        (Some(kernel), Some(types)) => {
+            kernel.invalidate();
+            kernel.dmesg(types).map_err(|e| e.to_string())
+        }
+        (None, _) => Err("no kernel found in the guest".to_string()),
+        (Some(_), None) => Err("the kernel's types (BTF) are unknown".to_string()),
+    };
+    match records {
+        Ok(records) => {
+            let message = records
+                .iter()
+                .rev()
+                .find_map(|r| r.text.lines().find(|l| l.starts_with("Kernel panic - ")))
+                .map(str::to_string);
+            let mut lines: Vec<String> = records
+                .iter()
+                .rev()
+                .flat_map(|r| r.dmesg_lines().collect::<Vec<_>>().into_iter().rev())
+                .take(PANIC_LOG_LINES)
+                .collect();
+            lines.reverse();
+            PanicLog {
+                message,
+                lines,
+                unreadable: None,
+            }
+        }
+        Err(why) => PanicLog {
+            message: None,
+            lines: Vec::new(),
+            unreadable: Some(why),
+        },
+    }
+}
+
+/// The `guest-panicked` (or `guest-crash-loaded`) line.
+#[derive(Serialize)]
+struct PanicLine {
+    event: &'static str,
+    time: String,
+    /// What QEMU did: `pause` (memory kept for a dump), `poweroff`, or `run`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<String>,
+    /// Crash details the guest handed QEMU (Hyper-V crash MSRs, s390), as QEMU sent them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<serde_json::Value>,
+    /// The kernel's `Kernel panic - not syncing: ...` line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    panic_message: Option<String>,
+    /// The last lines of the kernel log, as `dmesg` prints them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kernel_log: Vec<String>,
+    /// Why the kernel log could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl PanicLine {
+    fn new(qemu_event: &str, data: &serde_json::Value, log: PanicLog) -> Self {
+        Self {
+            event: if qemu_event == "GUEST_CRASHLOADED" {
+                "guest-crash-loaded"
+            } else {
+                "guest-panicked"
+            },
+            time: kvmaccess_integrity::rfc3339(SystemTime::now()),
+            action: data["action"].as_str().map(str::to_string),
+            info: data.get("info").cloned(),
+            panic_message: log.message,
+            kernel_log: log.lines,
+            detail: log
+                .unreadable
+                .map(|why| format!("kernel log unreadable: {why}")),
+        }
     }
 }
 

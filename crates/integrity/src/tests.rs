@@ -29,6 +29,15 @@ const ETEXT: u64 = 0x10_0000;
 const RODATA: u64 = 0x20_0000;
 const SYS_CALL_TABLE: u64 = RODATA + 0x100;
 const JUMP_TABLE: u64 = RODATA + 0x1000;
+// __ro_after_init data: the direct map's base, a slab cache pointer, a detected feature flag,
+// and a function pointer set at boot.
+const RO_AFTER_INIT: u64 = RODATA + 0x2000;
+const PAGE_OFFSET_BASE: u64 = RO_AFTER_INIT;
+const SOME_CACHEP: u64 = RO_AFTER_INIT + 0x8;
+const FEATURE_FLAG: u64 = RO_AFTER_INIT + 0x10;
+const BOOT_HOOK: u64 = RO_AFTER_INIT + 0x18;
+const END_RO_AFTER_INIT: u64 = RO_AFTER_INIT + 0x1000;
+const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 const END_RODATA: u64 = RODATA + 0x1_0000;
 const IDT_TABLE: u64 = 0x30_0000;
 const GDT: u64 = 0x30_1000;
@@ -51,6 +60,12 @@ fn symbols(text: u64) -> Vec<Symbol> {
         s("after_table", SYS_CALL_TABLE + 16, 'R'),
         s("__start___jump_table", JUMP_TABLE, 'D'),
         s("__stop___jump_table", JUMP_TABLE + 16, 'D'),
+        s("__start_ro_after_init", RO_AFTER_INIT, 'D'),
+        s("page_offset_base", PAGE_OFFSET_BASE, 'D'),
+        s("some_cachep", SOME_CACHEP, 'd'),
+        s("feature_flag", FEATURE_FLAG, 'd'),
+        s("boot_hook", BOOT_HOOK, 'd'),
+        s("__end_ro_after_init", END_RO_AFTER_INIT, 'D'),
         s("__end_rodata", END_RODATA, 'D'),
         s("idt_table", IDT_TABLE, 'b'),
         s("gdt_copy", GDT, 'b'),
@@ -96,6 +111,8 @@ impl Guest {
         let target = (g.text() + FUNC_A + 0x40).wrapping_sub(entry + 4) as i64 as i32;
         g.poke(JUMP_TABLE, &code.to_le_bytes());
         g.poke(JUMP_TABLE + 4, &target.to_le_bytes());
+        g.boot_time_data(DIRECT_MAP, 1);
+        g.poke(BOOT_HOOK, &(g.text() + FUNC_A).to_le_bytes());
         // IDT: vector 0x0e -> page-fault handler; GDT: null, kernel code, user code.
         let gate = restore::encode_gate64(g.text() + PF_HANDLER, 0x10, 0, 0xe, 0, true);
         g.poke(IDT_TABLE + 0x0e * 16, &gate);
@@ -106,6 +123,14 @@ impl Guest {
 
     fn text(&self) -> u64 {
         LINK_TEXT + self.slide
+    }
+
+    /// What a boot writes into __ro_after_init: the direct map's base, a cache allocated in it,
+    /// a feature flag.
+    fn boot_time_data(&self, direct_map: u64, flag: u8) {
+        self.poke(PAGE_OFFSET_BASE, &direct_map.to_le_bytes());
+        self.poke(SOME_CACHEP, &(direct_map + 0x0123_4500).to_le_bytes());
+        self.poke(FEATURE_FLAG, &[flag]);
     }
 
     fn poke(&self, offset: u64, bytes: &[u8]) {
@@ -554,6 +579,51 @@ fn baselines_round_trip_and_refuse_other_builds() {
         ["cr", "idt"]
     );
     assert_eq!(CheckSet::without(&["text"]).unwrap().ids().len(), 7);
+}
+
+#[test]
+fn another_boots_boot_time_data_is_informational_but_its_code_pointers_are_compared() {
+    let g = Guest::new(0x0600_0000);
+    let kernel = g.kernel("b007");
+    let checks = CheckSet::from_ids(&["text"]).unwrap();
+    let baseline = capture_baseline(&pass(&kernel, &g), &checks).unwrap();
+
+    let only_hook = |report: &Report, entry: &str| {
+        let found: Vec<(&str, &str)> = report
+            .alarms()
+            .map(|f| (f.class, f.entry.as_str()))
+            .collect();
+        assert_eq!(found, [("pointer-hook", entry)], "{:#?}", report.findings);
+    };
+
+    // Within the boot the baseline came from, a redirected cache pointer is an alarm.
+    g.poke(SOME_CACHEP, &(DIRECT_MAP + 0x0999_0000).to_le_bytes());
+    only_hook(
+        &run_checks(&pass(&kernel, &g), &baseline, &checks).unwrap(),
+        "some_cachep",
+    );
+
+    // Another boot, with another slide or only another direct map (memory randomisation with
+    // the same slide): its boot-time data differs, and says so without an alarm.
+    for slide in [0x2200_0000, 0x0600_0000] {
+        let next = Guest::new(slide);
+        next.boot_time_data(0xff11_0000_0000_0000, 0);
+        let kernel = next.kernel("b007");
+        let report = run_checks(&pass(&kernel, &next), &baseline, &checks).unwrap();
+        assert!(alarms(&report).is_empty(), "{:#?}", report.findings);
+        assert!(
+            report.findings.iter().any(|f| f.class == "boot-data"),
+            "{:#?}",
+            report.findings
+        );
+
+        // A function pointer installed at boot must still point at the same function.
+        next.poke(BOOT_HOOK, &(next.text() + FUNC_B).to_le_bytes());
+        only_hook(
+            &run_checks(&pass(&kernel, &next), &baseline, &checks).unwrap(),
+            "boot_hook",
+        );
+    }
 }
 
 #[test]

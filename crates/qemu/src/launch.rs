@@ -106,13 +106,20 @@ pub struct LaunchConfig {
     /// Add `-device vmcoreinfo`, so a guest with `qemu_fw_cfg` publishes VMCOREINFO to QEMU
     /// (it then appears in `dump-guest-memory` output).
     pub vmcoreinfo: bool,
+    /// Add QEMU's ISA pvpanic device (`-device pvpanic`, ACPI `QEMU0001`, driven by Linux's
+    /// `pvpanic-mmio`) and `-action panic=pause` (QEMU 6.0 and later): a guest whose driver is
+    /// loaded tells QEMU when it panics, from the panic notifiers, before `panic=` reboots it;
+    /// QEMU then emits `GUEST_PANICKED` and keeps the panicked kernel's memory paused for a
+    /// dump instead of shutting down (its default).
+    pub pvpanic: bool,
     /// How long to wait for QEMU's QMP socket to answer.
     pub start_timeout: Duration,
 }
 
 impl LaunchConfig {
     /// Defaults: 512 MiB, 1 vCPU, automatic accelerator, `-cpu max`, `console=ttyS0` on the
-    /// command line, RAM in /dev/shm, `-no-reboot`, `-device vmcoreinfo`.
+    /// command line, RAM in /dev/shm, `-no-reboot`, `-device vmcoreinfo`, a pvpanic device that
+    /// pauses the guest on panic.
     pub fn new(kernel: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -128,6 +135,7 @@ impl LaunchConfig {
             ram_in_dev_shm: true,
             no_reboot: true,
             vmcoreinfo: true,
+            pvpanic: true,
             start_timeout: Duration::from_secs(30),
         }
     }
@@ -206,6 +214,11 @@ impl LaunchConfig {
         if self.vmcoreinfo {
             push("-device");
             push("vmcoreinfo");
+        }
+        if self.pvpanic {
+            for s in ["-device", "pvpanic", "-action", "panic=pause"] {
+                push(s);
+            }
         }
         if self.no_reboot {
             push("-no-reboot");
@@ -626,13 +639,27 @@ mod tests {
             "-qmp unix:/run/a,,b/qmp.sock,server=on,wait=off",
             "socket,id=con,path=/run/a,,b/console.sock,server=on,wait=off,logfile=/run/a,,b/console.log",
             "-serial chardev:con",
-            "-device vmcoreinfo -no-reboot",
+            "-device vmcoreinfo -device pvpanic -action panic=pause -no-reboot",
             "-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0",
         ] {
             assert!(joined.contains(want), "{want:?} missing from {joined}");
         }
         // The pidfile is a plain argument, not an option value: no comma escaping.
         assert!(args.iter().any(|a| a == "/run/a,b/qemu.pid"));
+    }
+
+    #[test]
+    fn pvpanic_can_be_left_out() {
+        let mut cfg = LaunchConfig::new("/k", "/r");
+        cfg.pvpanic = false;
+        let args: Vec<String> = cfg
+            .args(Accel::Tcg, &cfg.paths())
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(!args.iter().any(|a| a.contains("pvpanic")), "{args:?}");
+        assert!(!args.iter().any(|a| a == "-action"), "{args:?}");
     }
 
     #[test]

@@ -232,6 +232,18 @@ impl BootedGuest {
     }
 }
 
+impl BootedGuest {
+    /// Runs a QMP command (without arguments) on the guest's one-off QMP socket, the one `watch`
+    /// leaves free; returns QEMU's answer.
+    pub fn qmp(&self, command: &str) -> serde_json::Value {
+        let state = kvmaccess_qemu::GuestState::load(self.run_root.path().join("default"))
+            .expect("the booted guest's state file");
+        let qmp = kvmaccess_qemu::QmpClient::connect(&state.qmp_socket).expect("QMP socket");
+        qmp.execute(command, serde_json::Value::Null)
+            .unwrap_or_else(|e| panic!("QMP {command}: {e}"))
+    }
+}
+
 /// A `kvmaccess watch` child process and its JSON-lines log; killed on drop.
 pub struct Watch {
     child: std::process::Child,
@@ -240,6 +252,23 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// The watch's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the watch has used so far (/proc/PID/schedstat, nanoseconds on a CPU).
+    pub fn cpu_time(&self) -> Duration {
+        let path = format!("/proc/{}/schedstat", self.pid());
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{path} is not schedstat: {text:?}"));
+        Duration::from_nanos(ns)
+    }
+
     /// Every line logged so far, parsed.
     pub fn lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.log)
@@ -288,6 +317,54 @@ impl Watch {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Follows the watch through a reboot of the guest: the reset, the new kernel found, and a
+    /// full pass over it, which (with `--text-budget 0` and informational findings shown)
+    /// reports the data the new boot set up as `boot-data`, since it differs from the baseline
+    /// boot's. Returns the `kernel-found` line.
+    pub fn follow_reboot(&mut self) -> serde_json::Value {
+        self.wait_for("the reboot", Duration::from_secs(60), |l| {
+            l["event"] == "guest-rebooted"
+        });
+        let (_, found) = self.wait_for(
+            "the kernel after the reboot",
+            Duration::from_secs(180),
+            |l| l["event"] == "kernel-found",
+        );
+        self.wait_for(
+            "a full pass over the new boot",
+            Duration::from_secs(120),
+            |l| l["event"] == "finding" && l["class"] == "boot-data",
+        );
+        found
+    }
+
+    /// Waits for the watch to report QEMU's exit and end with a failure, as it must.
+    pub fn expect_qemu_exit(&mut self) {
+        self.wait_for("QEMU's exit", Duration::from_secs(30), |l| {
+            l["event"] == "qemu-exited"
+        });
+        let status = self.wait_status(Duration::from_secs(30));
+        assert!(!status.success(), "the watch must fail when QEMU exits");
+    }
+
+    /// Logged lines that mean trouble: alarms, and passes, checks or dumps that failed.
+    pub fn problems(&self) -> Vec<serde_json::Value> {
+        self.lines()
+            .into_iter()
+            .filter(|l| {
+                (l["event"] == "finding" && l["severity"] != "info")
+                    || [
+                        "pass-failed",
+                        "check-failed",
+                        "baseline-mismatch",
+                        "dump-failed",
+                    ]
+                    .iter()
+                    .any(|e| l["event"] == *e)
+            })
+            .collect()
     }
 
     /// Waits for the watch to end by itself (`--passes`); panics unless it exits 0 in time.
