@@ -57,5 +57,5 @@ objcopy --remove-section=.BTF --strip-symbol=__start_BTF --strip-symbol=__stop_B
 mv "$tmp/btf" "$btf"
 mv "$tmp/dwarf" "$dwarf"
 # Files of an earlier guest kernel version are of no further use.
-find "$out" -maxdepth 1 -name 'vmlinux-*' ! -name "vmlinux-$ver" ! -name "vmlinux-$ver.btf" -delete
+find "$out" -mindepth 1 -maxdepth 1 -name 'vmlinux-*' ! -name "vmlinux-$ver" ! -name "vmlinux-$ver.btf" -delete
 echo "$dwarf"
