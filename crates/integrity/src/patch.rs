@@ -397,6 +397,18 @@ pub fn classify(
             _ => false,
         });
     }
+    // Before the int3 test: a relocated address can gain a 0xcc byte (8c -> cc under a slide
+    // of 0x400000), and an int3 written there would not leave the value moved by the slide.
+    if sites.slide_delta != 0 && relocated(window, start, end, sites.slide_delta) {
+        return Verdict {
+            class: "kaslr-relocation",
+            severity: Severity::Info,
+            site: start,
+            len: usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX),
+            insn: None,
+            detail: "absolute address relocated by the new KASLR slide".to_string(),
+        };
+    }
     if end == start.saturating_add(1) && window.new_at(start, 1) == Some(&[INT3]) {
         let old = window.old_at(start, 1).and_then(|b| b.first().copied());
         return Verdict {
@@ -418,16 +430,6 @@ pub fn classify(
                     old.unwrap_or(0)
                 )
             },
-        };
-    }
-    if sites.slide_delta != 0 && relocated(window, start, end, sites.slide_delta) {
-        return Verdict {
-            class: "kaslr-relocation",
-            severity: Severity::Info,
-            site: start,
-            len: usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX),
-            insn: None,
-            detail: "absolute address relocated by the new KASLR slide".to_string(),
         };
     }
     unexplained(map, window, start, end)

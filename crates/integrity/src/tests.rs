@@ -423,6 +423,29 @@ fn classifier_tells_self_patching_from_hooks() {
         base + 0xb00 + last + 1,
     );
     assert_eq!((v.class, v.severity), ("kaslr-relocation", Severity::Info));
+
+    // A relocation that changes one byte into 0xcc is still a relocation, not an int3.
+    let (was, delta) = (0xffff_ffff_928c_8790u64, 0x40_0000u64);
+    let mut old3 = old.clone();
+    old3[0xc00..0xc08].copy_from_slice(&was.to_le_bytes());
+    let mut new3 = old3.clone();
+    new3[0xc00..0xc08].copy_from_slice(&(was + delta).to_le_bytes());
+    assert_eq!((old3[0xc02], new3[0xc02]), (0x8c, crate::patch::INT3));
+    let v = classify(
+        &Sites {
+            slide_delta: delta,
+            ..Sites::default()
+        },
+        &map,
+        &Window {
+            gva: base,
+            old: &old3,
+            new: &new3,
+        },
+        base + 0xc02,
+        base + 0xc03,
+    );
+    assert_eq!((v.class, v.severity), ("kaslr-relocation", Severity::Info));
 }
 
 fn pass<'k, 'm>(kernel: &'k Kernel<'m>, g: &Guest) -> Context<'k, 'm> {
