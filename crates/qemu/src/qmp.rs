@@ -505,7 +505,12 @@ impl QmpClient {
                 None
             }
         });
-        self.shared.lock().waiting.remove(&id);
+        {
+            // A reply that came in after the deadline is not kept either.
+            let mut st = self.shared.lock();
+            st.waiting.remove(&id);
+            st.replies.remove(&id);
+        }
         match reply {
             Some(Ok(mut reply)) => {
                 if let Some(ret) = reply.get_mut("return") {
