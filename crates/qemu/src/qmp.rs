@@ -704,6 +704,14 @@ mod tests {
     fn fake_qemu(
         answer: impl Fn(&Value) -> Vec<Value> + Send + 'static,
     ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+        fake_qemu_serving(usize::MAX, answer)
+    }
+
+    /// [`fake_qemu`] that closes the connection after answering `requests` requests.
+    fn fake_qemu_serving(
+        requests: usize,
+        answer: impl Fn(&Value) -> Vec<Value> + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -711,7 +719,7 @@ mod tests {
             let (stream, _) = listener.accept().unwrap();
             let mut out = stream.try_clone().unwrap();
             writeln!(out, r#"{{"QMP": {{"version": {{"qemu": {{"major": 7, "minor": 2, "micro": 0}}}}, "capabilities": []}}}}"#).unwrap();
-            for line in std::io::BufReader::new(stream).lines() {
+            for line in std::io::BufReader::new(stream).lines().take(requests) {
                 let Ok(line) = line else { break };
                 let request: Value = serde_json::from_str(&line).unwrap();
                 for msg in answer(&request) {
@@ -820,19 +828,9 @@ mod tests {
 
     #[test]
     fn the_end_of_the_connection_is_an_event_and_fails_commands() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut out = stream.try_clone().unwrap();
-            writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
-            let mut lines = std::io::BufReader::new(stream).lines();
-            let request: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-            writeln!(out, "{}", reply(&request, json!({}))).unwrap();
-            writeln!(out, "{}", event("SHUTDOWN")).unwrap();
-            // Dropping both halves closes the connection.
-        });
+        // QEMU answers the capabilities negotiation, says it shuts down, and goes.
+        let (_dir, path, server) =
+            fake_qemu_serving(1, |req| vec![reply(req, json!({})), event("SHUTDOWN")]);
         let qmp = QmpClient::connect(&path).unwrap();
         server.join().unwrap();
         // Nobody waits: asking routes what arrived without blocking, and sees the end.
