@@ -558,6 +558,11 @@ impl QmpClient {
 
     /// Take the oldest event, if any has arrived.
     pub fn try_recv_event(&self) -> Option<QmpEvent> {
+        // Only an empty queue needs a look at the socket: a caller taking events one by one
+        // pays one read for the lot, not one per event.
+        if let Some(event) = self.shared.lock().events.pop_front() {
+            return Some(event);
+        }
         self.shared.drain_available();
         self.shared.lock().events.pop_front()
     }
@@ -616,6 +621,9 @@ impl QmpClient {
 
     /// Whether QEMU has closed the connection.
     pub fn is_closed(&self) -> bool {
+        if self.shared.lock().closed {
+            return true;
+        }
         self.shared.drain_available();
         self.shared.lock().closed
     }
