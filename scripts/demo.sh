@@ -60,8 +60,11 @@ watcher=$!
 sleep 3
 
 say "Inside the guest, a rootkit module hooks the syscall table, an IDT gate and the GDT, clears CR0.WP and hides itself"
-"$kva" --guest "$name" console "insmod /lib/modules/kvma_attack.ko attack=syscall,idt,gdt,wp,hide; dmesg | grep 'kvma_attack:.*done' | cut -c1-150"
+"$kva" --guest "$name" console "insmod /lib/modules/kvma_attack.ko attack=syscall,idt,gdt,wp,hide"
 sleep 4
+# Forking with CR0.WP clear corrupts copy-on-write pages, so WP comes back before the module's
+# log is shown.
+"$kva" --guest "$name" console "echo wp > /sys/module/kvma_attack/parameters/undo; dmesg | grep 'kvma_attack:.*done' | cut -c1-150"
 kill "$watcher" 2>/dev/null || true
 wait "$watcher" 2>/dev/null || true
 

@@ -29,7 +29,8 @@
  *   ftrace   an ftrace_ops (SAVE_REGS|IPMODIFY) on __x64_sys_getpid redirecting it to
  *            kvma_ftrace_getpid (an equivalent implementation).
  *
- * parameters/state (read-only) shows CR0/CR4 per CPU and hit counters.
+ * parameters/state (read-only) shows CR0/CR4 per CPU and hit counters. Writing an attack's
+ * name to parameters/undo undoes that attack alone, before rmmod.
  */
 #define pr_fmt(fmt) "kvma_attack: " fmt
 
@@ -820,6 +821,34 @@ static void undo_all(void)
 		}
 	}
 }
+
+/* parameters/undo: writing an attack's name undoes that one attack now. With CR0.WP clear,
+ * the kernel's writes into user memory ignore read-only PTEs and so land in pages a fork left
+ * shared copy-on-write: the guest's processes corrupt each other. A test that has seen WP
+ * clear gives it back before its shell forks again. */
+static int undo_set(const char *val, const struct kernel_param *kp)
+{
+	char buf[16];
+	const char *name;
+	int i;
+
+	strscpy(buf, val, sizeof(buf));
+	name = strim(buf);
+	for (i = 0; i < ARRAY_SIZE(steps); i++) {
+		if (strcmp(name, steps[i].name))
+			continue;
+		if (done_mask & steps[i].bit) {
+			steps[i].undo();
+			done_mask &= ~steps[i].bit;
+		}
+		return 0;
+	}
+	return -EINVAL;
+}
+
+static const struct kernel_param_ops undo_ops = { .set = undo_set };
+module_param_cb(undo, &undo_ops, NULL, 0200);
+MODULE_PARM_DESC(undo, "write an attack's name to undo that attack before rmmod");
 
 static int parse_attacks(unsigned int *mask)
 {

@@ -20,7 +20,8 @@ case_mark=0
 
 fail() {
     echo "KVMA-SELFTEST $case_name FAIL: $*"
-    # Leave the guest clean for the next case.
+    # Leave the guest clean for the next case; WP first, before rmmod forks.
+    [ -e "$P/undo" ] && echo wp > "$P/undo" 2>/dev/null
     [ -e "$P/unhide" ] && echo 1 > "$P/unhide" 2>/dev/null
     rmmod kvma_attack 2>/dev/null || true
     exit 1
@@ -40,10 +41,47 @@ show_log() {
 loaded() { grep -q '^kvma_attack ' /proc/modules; }
 
 load() {
+    load_nofork "$@"
+    expect_log "kvma_attack: loaded"
+}
+
+# With CR0.WP clear the kernel's writes into user memory ignore read-only PTEs, so they land
+# in pages that a fork left shared copy-on-write, and the guest's processes corrupt each other
+# (the shell segfaulted now and then). So between loading an attack that clears WP and undoing
+# it through parameters/undo, the self-test runs shell builtins only: nothing below forks.
+load_nofork() {
     loaded && fail "kvma_attack is already loaded"
     mark_log
+    rm -f /tmp/kvma.fifo
+    mkfifo /tmp/kvma.fifo
     insmod "$KO" "$@" || fail "insmod $* failed"
-    expect_log "kvma_attack: loaded"
+}
+
+print_state() {
+    while IFS= read -r line; do echo "$line"; done < "$P/state"
+}
+
+# every CPU line of parameters/state has FIELD=VALUE ($1=$2)
+all_cpus_nofork() {
+    n=0
+    m=0
+    while IFS= read -r line; do
+        case $line in
+            cpu*)
+                n=$((n + 1))
+                case " $line " in *" $1=$2 "*) m=$((m + 1)) ;; esac
+                ;;
+        esac
+    done < "$P/state"
+    [ "$n" -gt 0 ] && [ "$n" = "$m" ]
+}
+
+# One second without forking a sleep: a read that times out on a FIFO nobody writes.
+pause_nofork() { read -r -t 1 _ <> /tmp/kvma.fifo || true; }
+
+undo_wp() {
+    echo wp > "$P/undo" || fail "could not undo the wp attack"
+    all_cpus_nofork wp 1 || fail "CR0.WP is still clear after parameters/undo"
 }
 
 unload() {
@@ -68,18 +106,12 @@ sane() {
 
 state_field() { tr ' ' '\n' < "$P/state" | sed -n "s/^$1=//p" | tail -n1; }
 
-all_cpus() { # all_cpus FIELD VALUE: every CPU line of parameters/state has FIELD=VALUE
-    n=$(grep -c '^cpu' "$P/state")
-    m=$(grep -cE "^cpu.* $1=$2( |\$)" "$P/state")
-    [ "$n" -gt 0 ] && [ "$n" = "$m" ]
-}
-
 t_clean() {
     load
     loaded || fail "not in /proc/modules"
     [ -d /sys/module/kvma_attack ] || fail "no /sys/module/kvma_attack"
     cat "$P/state"
-    all_cpus wp 1 || fail "CR0.WP off without an attack"
+    all_cpus_nofork wp 1 || fail "CR0.WP off without an attack"
     sane
     unload
 }
@@ -131,25 +163,27 @@ t_gdt() {
 }
 
 t_wp() {
-    load attack=wp
+    load_nofork attack=wp
+    print_state
+    all_cpus_nofork wp 0 || fail "CR0.WP is not clear on every CPU"
+    pause_nofork
+    all_cpus_nofork wp 0 || fail "CR0.WP came back on by itself"
+    undo_wp
+    expect_log "kvma_attack: loaded"
     expect_log "kvma_attack: wp done: CR0.WP cleared"
-    cat "$P/state"
-    all_cpus wp 0 || fail "CR0.WP is not clear on every CPU"
-    sane
-    all_cpus wp 0 || fail "CR0.WP came back on by itself"
-    unload
     expect_log "kvma_attack: wp undone"
     sane
+    unload
 }
 
 t_smep() {
     load attack=smep
     expect_log "kvma_attack: smep done: CR4.SMEP cleared"
     cat "$P/state"
-    all_cpus smep 0 || fail "CR4.SMEP is not clear on every CPU"
+    all_cpus_nofork smep 0 || fail "CR4.SMEP is not clear on every CPU"
     sane
     sleep 1
-    all_cpus smep 0 || fail "CR4.SMEP came back on by itself"
+    all_cpus_nofork smep 0 || fail "CR4.SMEP came back on by itself"
     unload
     expect_log "kvma_attack: smep undone"
 }
@@ -237,7 +271,12 @@ t_all() {
     start_victim all
     pid=$victim
     sleep 1
-    load attack=syscall,inline,idt,gdt,wp,smep,ftrace,hide hideproc="$pid"
+    load_nofork attack=syscall,inline,idt,gdt,wp,smep,ftrace,hide hideproc="$pid"
+    print_state
+    all_cpus_nofork wp 0 || fail "CR0.WP is not clear on every CPU"
+    all_cpus_nofork smep 0 || fail "CR4.SMEP is not clear on every CPU"
+    undo_wp
+    expect_log "kvma_attack: loaded"
     for a in syscall inline idt gdt wp smep ftrace hideproc hide; do
         expect_log "kvma_attack: $a done:"
     done
