@@ -94,7 +94,9 @@ pub struct WatchArgs {
     /// What to do when an alarm (a non-informational finding) appears; repeatable:
     /// `pause` (stop the guest), `dump=DIR` (ELF core for forensics), `restore` (write the
     /// baseline value back; needs --allow-write), `exec=CMD` (run CMD with the finding as JSON
-    /// on stdin and in $KVMACCESS_FINDING).
+    /// on stdin and in $KVMACCESS_FINDING). A guest panic is dumped by `dump=DIR` and runs
+    /// `exec=CMD` with the `guest-panicked` line on stdin and in $KVMACCESS_PANIC;
+    /// $KVMACCESS_EVENT says which of the two it is.
     #[arg(long = "on-finding", value_name = "ACTION", value_parser = parse_action)]
     on_finding: Vec<Action>,
     /// Allow `--on-finding restore` to write guest memory.
@@ -106,7 +108,9 @@ pub struct WatchArgs {
     /// Bytes of kernel text/rodata compared per pass (round-robin); 0 compares all every pass.
     #[arg(long, default_value = "2M", value_parser = crate::size_arg)]
     text_budget: u64,
-    /// Stop after this many passes (for scripts and tests).
+    /// Stop after this many intervals (for scripts and tests). An interval in which the guest
+    /// could not be checked (panicked, its kernel not found or still booting) counts too, so
+    /// the watch ends whatever happens to the guest.
     #[arg(long, value_name = "N")]
     passes: Option<u64>,
     /// Leave out informational findings.
@@ -449,13 +453,17 @@ fn kernel_runs_on_cpu(kernel: &Kernel<'_>, target: &Target) -> Result<bool> {
         root.checked_add(511 * 8)
             .and_then(|at| kernel.memory().read_u64(at).ok())
     };
-    Ok(
-        match (last_entry(cpu_root), last_entry(kernel.layout().root)) {
-            (Some(cpu), Some(own)) => cpu != 0 && cpu == own,
-            _ => false,
-        },
-    )
+    let Some(own) = last_entry(kernel.layout().root).filter(|&e| e != 0) else {
+        return Ok(false);
+    };
+    // With page-table isolation a CPU in user mode runs on the user half of the kernel's
+    // 8 KiB top-level table (bit 12 of CR3 set), whose kernel entries are trimmed copies.
+    let kernel_half = kvmaccess_core::Gpa(cpu_root.0 & !PTI_USER_PGD_BIT);
+    Ok(last_entry(cpu_root) == Some(own) || last_entry(kernel_half) == Some(own))
 }
+
+/// The bit of CR3 that selects the user half of a page-table-isolated top-level table.
+const PTI_USER_PGD_BIT: u64 = 1 << 12;
 
 /// How long a one-shot `check` waits before re-reading a live guest that raised alarms.
 const CONFIRM_DELAY: Duration = Duration::from_secs(2);
@@ -597,18 +605,36 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         Some(format!("baseline {}", cmd.baseline.display())),
     ))?;
 
-    let kernel = open_kernel(&target, &args.profile)?;
+    // The kernel is found in the loop, by the same rules as after a reset: a guest that is
+    // still booting is waited for rather than checked half-initialised.
     let mut guest = Watched {
-        types: kernel_types(&kernel, &args.profile).ok(),
-        modules: Some(ModuleTracker::new(&kernel)),
-        kernel: Some(kernel),
+        types: None,
+        modules: None,
+        kernel: None,
         active: BTreeMap::new(),
         paused: false,
         panicked: false,
     };
-    let mut passes = 0u64;
-    let mut cpu_total = Duration::ZERO;
+    // A guest that panicked before the watch started stays so until it is reset, and QEMU
+    // sends no event for it again.
+    let status = vm
+        .qmp()
+        .execute("query-status", serde_json::Value::Null)
+        .context("asking QEMU for the guest's state")?;
+    if status["status"] == "guest-panicked" {
+        sink.emit(&event(
+            "guest-panicked",
+            Some("the guest had panicked before the watch started".into()),
+        ))?;
+        guest.panicked = true;
+    }
+    let mut intervals = Intervals::default();
+    let mut waiting_reported = false;
     loop {
+        if intervals.finished(cmd.passes) {
+            sink.emit(&event("watch-finished", Some(intervals.summary())))?;
+            return Ok(ExitCode::SUCCESS);
+        }
         // Events first: they change what a pass means (a reboot means a new kernel layout). A
         // panicked guest has nothing to check, so the watch sleeps on QMP until something
         // happens to it rather than polling.
@@ -624,13 +650,15 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         }
         if guest.panicked {
             sink.status("guest panicked: no checks until it is reset");
+            intervals.skipped += 1;
             continue;
         }
         if guest.kernel.is_none() {
-            // After a reboot the kernel needs a moment to publish VMCOREINFO again; retry each
-            // interval until it does.
+            // A booting kernel publishes VMCOREINFO, its symbols and its read-only data one after
+            // the other; retry each interval until all are there.
             match find_new_kernel(&target, &args.profile) {
                 Ok((k, types)) => {
+                    waiting_reported = false;
                     if let Err(e) = baseline.check_compatible(&k) {
                         sink.emit(&event("baseline-mismatch", Some(e.to_string())))?;
                         bail!("the guest now runs another kernel build: {e}");
@@ -647,7 +675,14 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                     guest.modules = Some(ModuleTracker::new(&k));
                     guest.kernel = Some(k);
                 }
-                Err(_) => {
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    if !waiting_reported {
+                        sink.emit(&event("waiting-for-kernel", Some(why.clone())))?;
+                        waiting_reported = true;
+                    }
+                    sink.status(&format!("waiting for the guest's kernel: {why}"));
+                    intervals.skipped += 1;
                     std::thread::sleep(cmd.interval);
                     continue;
                 }
@@ -669,6 +704,7 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
             Ok(report) => report,
             Err(e) => {
                 sink.emit(&event("pass-failed", Some(format!("{e:#}"))))?;
+                intervals.skipped += 1;
                 std::thread::sleep(cmd.interval);
                 continue;
             }
@@ -680,8 +716,8 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         let Some(k) = guest.kernel.as_ref() else {
             continue;
         };
-        passes += 1;
-        cpu_total += report.cpu;
+        intervals.passes += 1;
+        intervals.cpu += report.cpu;
         handle_report(
             &target,
             k,
@@ -693,23 +729,52 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
             &mut sink,
         )?;
         sink.status(&format!(
-            "watching: pass {passes}, {} active finding(s), {} alarm(s), last pass {:.2} ms CPU{}",
+            "watching: pass {}, {} active finding(s), {} alarm(s), last pass {:.2} ms CPU{}",
+            intervals.passes,
             guest.active.len(),
             guest.active.values().filter(|f| !f.is_info()).count(),
             report.cpu.as_secs_f64() * 1e3,
             if guest.paused { ", guest paused" } else { "" }
         ));
-        if cmd.passes.is_some_and(|n| passes >= n) {
-            sink.emit(&event(
-                "watch-finished",
-                Some(format!(
-                    "{passes} passes, {:.3} ms CPU per pass on average",
-                    cpu_total.as_secs_f64() * 1e3 / passes as f64
-                )),
-            ))?;
-            return Ok(ExitCode::SUCCESS);
+        if intervals.finished(cmd.passes) {
+            continue;
         }
         std::thread::sleep(cmd.interval.saturating_sub(pass_started.elapsed()));
+    }
+}
+
+/// What the watch did with its intervals, for `--passes` and the `watch-finished` line.
+#[derive(Default)]
+struct Intervals {
+    passes: u64,
+    /// Intervals without a pass: the guest panicked, its kernel not found yet, a pass failed.
+    skipped: u64,
+    cpu: Duration,
+}
+
+impl Intervals {
+    fn finished(&self, limit: Option<u64>) -> bool {
+        limit.is_some_and(|n| self.passes.saturating_add(self.skipped) >= n)
+    }
+
+    fn summary(&self) -> String {
+        let mut text = format!("{} passes", self.passes);
+        if let Some(per_pass) = self
+            .cpu
+            .checked_div(u32::try_from(self.passes).unwrap_or(0))
+        {
+            text += &format!(
+                ", {:.3} ms CPU per pass on average",
+                per_pass.as_secs_f64() * 1e3
+            );
+        }
+        if self.skipped > 0 {
+            text += &format!(
+                ", {} interval(s) without a pass (guest panicked, kernel not found or pass failed)",
+                self.skipped
+            );
+        }
+        text
     }
 }
 
@@ -867,12 +932,24 @@ impl<'t> Watched<'t> {
             }
         };
         let log = panic_log(kernel, types);
-        sink.emit(&PanicLine::new(&ev.name, &ev.data, log))?;
+        let line = PanicLine::new(&ev.name, &ev.data, log);
+        sink.emit(&line)?;
+        // Pausing is QEMU's own panic action and there is nothing to restore; the core comes
+        // first so that a command run on the panic can find it.
         for action in &cmd.on_finding {
             if let Action::Dump(dir) = action {
                 match dump_to(target, dir, "panic") {
                     Ok(path) => sink.emit(&event("dumped", Some(path.display().to_string())))?,
                     Err(e) => sink.emit(&event("dump-failed", Some(format!("{e:#}"))))?,
+                }
+            }
+        }
+        for action in &cmd.on_finding {
+            if let Action::Exec(command) = action {
+                let json = serde_json::to_string(&line).context("encoding the panic")?;
+                // A command that cannot be started is reported; the watch goes on.
+                if let Err(e) = run_exec(command, line.event, "KVMACCESS_PANIC", &json, sink) {
+                    sink.emit(&event("exec-failed", Some(format!("{e:#}"))))?;
                 }
             }
         }
@@ -1095,27 +1172,39 @@ fn react(
             }
             Action::Exec(command) => {
                 let json = serde_json::to_string(finding).context("encoding the finding")?;
-                let status = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(command)
-                    .env("KVMACCESS_FINDING", &json)
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()
-                    .and_then(|mut child| {
-                        if let Some(mut stdin) = child.stdin.take() {
-                            let _ = writeln!(stdin, "{json}");
-                        }
-                        child.wait()
-                    })
-                    .with_context(|| format!("running `{command}`"))?;
-                sink.emit(&event(
-                    "exec",
-                    Some(format!("`{command}` exited with {status}")),
-                ))?;
+                run_exec(command, "finding", "KVMACCESS_FINDING", &json, sink)?;
             }
         }
     }
     Ok(())
+}
+
+/// Runs `--on-finding exec=CMD` with one event's JSON line on its stdin and in `variable`.
+fn run_exec(
+    command: &str,
+    kind: &str,
+    variable: &str,
+    json: &str,
+    sink: &mut EventSink,
+) -> Result<()> {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("KVMACCESS_EVENT", kind)
+        .env(variable, json)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = writeln!(stdin, "{json}");
+            }
+            child.wait()
+        })
+        .with_context(|| format!("running `{command}`"))?;
+    sink.emit(&event(
+        "exec",
+        Some(format!("`{command}` exited with {status}")),
+    ))
 }
 
 /// Writes an ELF core of the (paused) guest into `dir`.

@@ -1,5 +1,6 @@
-//! The watch follows the guest's life: a reboot (new KASLR slide, same baseline, no alarm), then
-//! QEMU going away (reported, non-zero exit).
+//! The watch follows the guest's life: started while the guest is still booting (it waits for the
+//! kernel to finish), a reboot (new KASLR slide, same baseline, no alarm), then QEMU going away
+//! (reported, non-zero exit).
 
 mod common;
 
@@ -11,17 +12,28 @@ use common::BootedGuest;
 fn watch_survives_a_reboot_and_reports_qemu_exit() {
     let guest = BootedGuest::boot(&["--smp", "1", "--allow-reboot"]);
     let base = guest.baseline("base.json");
-    let slide_before = guest.run(&["--json", "info"]).ok().json()["kaslr_offset"].clone();
-    // No text budget: every pass compares all text and rodata, so the first pass after the
-    // reboot covers the data the new boot set up (see below).
+    // The watch starts while the guest is in its firmware again: it must wait until the new
+    // kernel has finished booting, and not check a half-initialised one.
+    guest.qmp("system_reset");
+    // No text budget: every pass compares all text and rodata, so the first pass over a new
+    // boot covers the data that boot set up (see below).
     let mut watch = guest.watch(
         &base,
         "life.log",
         &["--interval", "1s", "--text-budget", "0"],
     );
-    watch.wait_for("a first pass", Duration::from_secs(60), |l| {
-        l["event"] == "finding" || l["event"] == "watch-started"
+    let (waiting, why) = watch.wait_for("the wait for the kernel", Duration::from_secs(60), |l| {
+        l["event"] == "waiting-for-kernel"
     });
+    assert!(why["detail"].is_string(), "{why}");
+    watch.follow_new_kernel(waiting);
+    let alarms = watch.problems();
+    assert!(
+        alarms.is_empty(),
+        "watching from the reset on: {alarms:?}\n{}",
+        watch.transcript()
+    );
+    let slide_before = guest.run(&["--json", "info"]).ok().json()["kaslr_offset"].clone();
 
     // `reboot -f` does not return: send it without waiting for the prompt.
     let _ = guest.run(&["console", "--timeout", "3s", "--", "reboot -f"]);

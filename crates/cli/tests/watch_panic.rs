@@ -1,7 +1,9 @@
 //! The watch survives a guest panic: `boot` gives the guest a pvpanic device and makes QEMU pause
 //! a panicked guest, the watch reports the panic with the kernel's own message, writes a core of
 //! the panicked kernel, raises no alarm about the half-dead kernel and idles while it stays
-//! paused, then follows the reset into a new boot, and ends non-zero when QEMU exits.
+//! paused, runs `--on-finding exec=CMD` with the panic, then follows the reset into a new boot, and
+//! ends non-zero when QEMU exits. A second watch started on the panicked guest says so and still
+//! ends after its `--passes` intervals.
 //!
 //! A test binary of its own: its TCG guest would otherwise share the two cores with the reboot
 //! test's.
@@ -27,6 +29,11 @@ fn watch_reports_a_panic_dumps_the_panicked_kernel_and_follows_the_reset() {
     let base = guest.baseline("base.json");
     let dumps = guest.path("dumps");
     let dump_action = format!("dump={}", dumps.display());
+    let exec_out = guest.path("exec.out");
+    let exec_action = format!(
+        "exec=cat > {0}.tmp && echo \"$KVMACCESS_EVENT\" >> {0}.tmp && mv {0}.tmp {0}",
+        exec_out.display()
+    );
     // Every pass compares all of the kernel's text and rodata (no budget), so the first pass
     // after the reset is known to have covered the new boot's read-only-after-init data.
     let mut watch = guest.watch(
@@ -39,6 +46,8 @@ fn watch_reports_a_panic_dumps_the_panicked_kernel_and_follows_the_reset() {
             "0",
             "--on-finding",
             &dump_action,
+            "--on-finding",
+            &exec_action,
         ],
     );
     // Some passes over the healthy kernel first.
@@ -67,6 +76,19 @@ fn watch_reports_a_panic_dumps_the_panicked_kernel_and_follows_the_reset() {
         l["event"] == "dumped"
     });
     assert_eq!(guest.qmp("query-status")["status"], "guest-panicked");
+    // The command ran on the panic, after the core was written, with the panic line.
+    watch.wait_for(
+        "the command run on the panic",
+        Duration::from_secs(60),
+        |l| l["event"] == "exec",
+    );
+    let ran = std::fs::read_to_string(&exec_out).expect("the command's output");
+    let mut ran = ran.lines();
+    let told: serde_json::Value =
+        serde_json::from_str(ran.next().expect("a JSON line")).expect("the panic as JSON");
+    assert_eq!(told["event"], "guest-panicked", "{told}");
+    assert_eq!(told["panic_message"], PANIC_TEXT, "{told}");
+    assert_eq!(ran.next(), Some("guest-panicked"), "$KVMACCESS_EVENT");
 
     // The core is the panicked kernel: an ELF core whose vCPU stopped in the kernel, and whose
     // kernel log ends with the panic.
@@ -104,6 +126,44 @@ fn watch_reports_a_panic_dumps_the_panicked_kernel_and_follows_the_reset() {
         lines_before,
         "nothing happened, nothing to report\n{}",
         watch.transcript()
+    );
+
+    // Another watch, started on the panicked guest through the one-off QMP socket, learns of
+    // the panic from QEMU's state (no event comes again), checks nothing, and still ends after
+    // its intervals.
+    let state = kvmaccess_qemu::GuestState::load(guest.run_root.path().join("default"))
+        .expect("the booted guest's state file");
+    let late = guest
+        .run(&[
+            "watch",
+            "--qmp",
+            state.qmp_socket.to_str().expect("utf-8"),
+            "--baseline",
+            base.to_str().expect("utf-8"),
+            "--interval",
+            "1s",
+            "--passes",
+            "3",
+        ])
+        .ok();
+    let late: Vec<serde_json::Value> = late
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    assert!(
+        late.iter().any(|l| l["event"] == "guest-panicked"),
+        "{late:#?}"
+    );
+    assert!(!late.iter().any(|l| l["event"] == "finding"), "{late:#?}");
+    let finished = late
+        .iter()
+        .find(|l| l["event"] == "watch-finished")
+        .expect("watch-finished");
+    assert_eq!(
+        finished["detail"],
+        "0 passes, 3 interval(s) without a pass (guest panicked, kernel not found or pass failed)",
+        "{finished}"
     );
 
     // A reset leaves a panicked guest stopped (QEMU's `prelaunch`) until it is continued.

@@ -297,11 +297,28 @@ impl Watch {
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> (usize, serde_json::Value) {
+        self.wait_for_from(0, what, timeout, pred)
+    }
+
+    /// Like [`Watch::wait_for`], looking only at the lines from index `first` on.
+    pub fn wait_for_from(
+        &mut self,
+        first: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> (usize, serde_json::Value) {
         let deadline = Instant::now() + timeout;
         loop {
             // Read the exit status first: lines logged before the exit are then all visible.
             let exited = self.child.try_wait().expect("watch status");
-            if let Some(found) = self.lines().into_iter().enumerate().find(|(_, l)| pred(l)) {
+            if let Some(found) = self
+                .lines()
+                .into_iter()
+                .enumerate()
+                .skip(first)
+                .find(|(_, l)| pred(l))
+            {
                 return found;
             }
             if let Some(status) = exited {
@@ -324,15 +341,23 @@ impl Watch {
     /// reports the data the new boot set up as `boot-data`, since it differs from the baseline
     /// boot's. Returns the `kernel-found` line.
     pub fn follow_reboot(&mut self) -> serde_json::Value {
-        self.wait_for("the reboot", Duration::from_secs(60), |l| {
+        let (reset, _) = self.wait_for("the reboot", Duration::from_secs(60), |l| {
             l["event"] == "guest-rebooted"
         });
-        let (_, found) = self.wait_for(
+        self.follow_new_kernel(reset)
+    }
+
+    /// The `kernel-found` line logged after line `first`, once a full pass over that kernel
+    /// has reported the boot's own data (see [`Watch::follow_reboot`]).
+    pub fn follow_new_kernel(&mut self, first: usize) -> serde_json::Value {
+        let (at, found) = self.wait_for_from(
+            first,
             "the kernel after the reboot",
             Duration::from_secs(180),
             |l| l["event"] == "kernel-found",
         );
-        self.wait_for(
+        self.wait_for_from(
+            at,
             "a full pass over the new boot",
             Duration::from_secs(120),
             |l| l["event"] == "finding" && l["class"] == "boot-data",
