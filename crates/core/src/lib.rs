@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod addr;
+mod epoch;
 mod error;
 pub mod hex;
 mod regs;
 
 pub use addr::{Gfn, Gpa, Gva, PhysRange, PAGE_SIZE};
+pub use epoch::InvalidationEpoch;
 pub use error::Error;
 pub use regs::{DescriptorTable, Registers, Segment};
 
@@ -54,6 +56,13 @@ pub trait PhysicalMemory: Send + Sync {
     /// Total bytes of guest RAM.
     fn ram_size(&self) -> u64 {
         self.ranges().iter().map(PhysRange::len).sum()
+    }
+
+    /// The counter this backend bumps when the guest runs again after a pause (or is reset), for
+    /// translation caches to follow. `None` for memory that never changes (a dump) or whose
+    /// changes the backend cannot see; callers of a running guest invalidate by themselves.
+    fn invalidation_epoch(&self) -> Option<InvalidationEpoch> {
+        None
     }
 }
 

@@ -8,6 +8,7 @@
 //! Callers use `&self` from any thread; the connection is shared.
 
 use crate::error::{shorten, Error, Result};
+use kvmaccess_core::InvalidationEpoch;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -83,7 +84,7 @@ struct Shared {
     /// Signalled whenever a message was routed or the reading role was handed back.
     progress: Condvar,
     /// Bumped on every RESUME and RESET event; see [`QmpClient::generation`].
-    generation: AtomicU64,
+    generation: InvalidationEpoch,
 }
 
 impl Shared {
@@ -95,7 +96,7 @@ impl Shared {
 
     fn push_event(&self, st: &mut State, event: QmpEvent) {
         if matches!(event.name.as_str(), "RESUME" | "RESET") {
-            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.generation.bump();
         }
         if st.events.len() >= EVENT_QUEUE_LIMIT {
             st.events.pop_front();
@@ -611,12 +612,19 @@ impl QmpClient {
     /// while paused is valid as long as this value has not changed.
     pub fn generation(&self) -> u64 {
         self.shared.drain_available();
-        self.shared.generation.load(Ordering::SeqCst)
+        self.shared.generation.current()
     }
 
     /// Bump the generation counter, for callers that know the guest changed without an event.
     pub fn bump_generation(&self) {
-        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        self.shared.generation.bump();
+    }
+
+    /// The generation counter itself, for translation caches to follow. It moves when a
+    /// `RESUME` or `RESET` event is read from the socket (any call on this client reads what
+    /// has arrived) or when this client resumes the guest.
+    pub fn invalidation_epoch(&self) -> InvalidationEpoch {
+        self.shared.generation.clone()
     }
 
     /// Whether QEMU has closed the connection.
@@ -764,6 +772,7 @@ mod tests {
         let qmp = QmpClient::connect(&path).unwrap();
         assert_eq!(qmp.qemu_version(), Some((7, 2, 0)));
         let before = qmp.generation();
+        let epoch = qmp.invalidation_epoch();
         let status = qmp.execute("query-status", Value::Null).unwrap();
         assert_eq!(status["status"], "paused");
         let stop = qmp.wait_event(Duration::from_secs(5)).unwrap();
@@ -778,6 +787,8 @@ mod tests {
             "RESUME"
         );
         assert!(qmp.generation() > before);
+        // Caches following the epoch see the RESUME without asking the socket.
+        assert_eq!(epoch.current(), qmp.generation());
         let err = qmp.execute("bad", Value::Null).unwrap_err().to_string();
         assert!(err.contains("GenericError") || err.contains("no"), "{err}");
         assert!(qmp.wait_event(Duration::from_millis(50)).is_none());

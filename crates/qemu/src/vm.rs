@@ -312,6 +312,10 @@ impl PhysicalMemory for QemuVm {
     fn data_ranges(&self, within: PhysRange) -> Vec<PhysRange> {
         self.ram.data_ranges(within)
     }
+
+    fn invalidation_epoch(&self) -> Option<kvmaccess_core::InvalidationEpoch> {
+        Some(self.qmp.invalidation_epoch())
+    }
 }
 
 impl PhysicalMemoryWrite for QemuVm {

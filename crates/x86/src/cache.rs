@@ -1,9 +1,6 @@
 //! A translation cache and the [`AddressSpace`] that uses it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
-use kvmaccess_core::{Gpa, Gva, PhysicalMemory, PhysicalMemoryWrite, Registers};
+use kvmaccess_core::{Gpa, Gva, InvalidationEpoch, PhysicalMemory, PhysicalMemoryWrite, Registers};
 use serde::Serialize;
 
 use crate::control::PagingMode;
@@ -11,29 +8,6 @@ use crate::walk::{
     buf_len, copy_chunks, translate_with, Mapping, PageSize, Translation, VirtChunks, WalkOptions,
 };
 use crate::Error;
-
-/// A counter a backend bumps whenever guest memory may have changed under cached translations
-/// (typically on every resume of a paused guest). Caches that share it notice the bump on their
-/// next lookup and drop everything, for the cost of one relaxed atomic load per lookup.
-#[derive(Clone, Debug, Default)]
-pub struct InvalidationEpoch(Arc<AtomicU64>);
-
-impl InvalidationEpoch {
-    /// A new epoch at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Invalidate every cache sharing this epoch.
-    pub fn bump(&self) {
-        self.0.fetch_add(1, Ordering::Release);
-    }
-
-    /// The current value.
-    pub fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
-    }
-}
 
 /// Hit and miss counters of a [`TranslationCache`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -354,14 +328,19 @@ pub struct AddressSpace<'m, M: ?Sized> {
 }
 
 impl<'m, M: PhysicalMemory + ?Sized> AddressSpace<'m, M> {
-    /// An address space with default [`WalkOptions`] and a default cache.
+    /// An address space with default [`WalkOptions`] and a default cache, which follows the
+    /// backend's [`InvalidationEpoch`] when it has one.
     pub fn new(mem: &'m M, mode: PagingMode, cr3: u64) -> Self {
+        let cache = match mem.invalidation_epoch() {
+            Some(epoch) => TranslationCache::default().with_epoch(epoch),
+            None => TranslationCache::default(),
+        };
         Self {
             mem,
             mode,
             cr3,
             options: WalkOptions::default(),
-            cache: TranslationCache::default(),
+            cache,
         }
     }
 
@@ -508,14 +487,20 @@ impl<'m, M: PhysicalMemory + ?Sized> AddressSpace<'m, M> {
 impl<M: PhysicalMemoryWrite + ?Sized> AddressSpace<'_, M> {
     /// Write `data` at `gva`. Fails on the first unmapped page, after writing the pages before
     /// it.
+    ///
+    /// The written bytes may be page-table entries (of this or any cached address space), so
+    /// the cache is emptied afterwards, whatever the outcome: writes are rare, a stale
+    /// translation is a wrong answer.
     pub fn write(&mut self, gva: Gva, data: &[u8]) -> Result<(), Error> {
         let len = buf_len(data.len());
         let mem = self.mem;
-        copy_chunks(self.chunks(gva, len), gva, |gpa, range| {
+        let written = copy_chunks(self.chunks(gva, len), gva, |gpa, range| {
             let src = data.get(range).ok_or(Error::RangeWraps { gva, len })?;
             mem.write_phys(gpa, src)
                 .map_err(|source| Error::PhysWrite { gva, gpa, source })
-        })
+        });
+        self.cache.invalidate_all();
+        written
     }
 
     /// Write a little-endian `u64` at `gva`.

@@ -32,7 +32,7 @@ mod walk;
 
 use kvmaccess_core::{Gpa, Gva};
 
-pub use cache::{AddressSpace, CacheStats, InvalidationEpoch, TranslationCache};
+pub use cache::{AddressSpace, CacheStats, TranslationCache};
 pub use control::{
     ControlRegisters, Cr0, Cr3, Cr4, Efer, ModeDetection, ModeEvidence, PagingMode, SecurityFeature,
 };
@@ -41,6 +41,7 @@ pub use descriptors::{
     GateKind, GateWidth, GdtEntry, IdtGate, SegmentFields, SystemSegment, TaskGate, TssDescriptor,
     GDT_MAX_ENTRIES, IDT_MAX_GATES,
 };
+pub use kvmaccess_core::InvalidationEpoch;
 pub use walk::{
     read_virt, translate, translate_range, translate_with, write_virt, Level, Mapping, PageSize,
     Translation, VirtChunk, VirtChunks, WalkOptions, WalkStep, WalkTrail,

@@ -453,3 +453,70 @@ fn warm_read_timing() {
     let per_read = start.elapsed().as_nanos() as f64 / iterations as f64;
     println!("validating warm 4-byte virtual read: {per_read:.1} ns (checksum {sum})");
 }
+
+#[test]
+fn a_page_table_write_through_the_space_is_seen_by_the_next_read() {
+    let mem = MockMemory::new(RAM);
+    let mut tables = setup(&mem);
+    let entry = tables.entry_addr(GVA, TableLevel::Pt).unwrap().unwrap();
+    // A window onto the page table itself, as a kernel's direct map would give.
+    let window = Gva(0x7fff_0000_5000);
+    tables
+        .map(
+            window,
+            Gpa(entry.0 & !0xfff),
+            TkSize::Size4K,
+            MapFlags::KERNEL_RW,
+        )
+        .unwrap();
+    let mut space = AddressSpace::new(&mem, PagingMode::Level4, tables.cr3());
+    assert_eq!(space.read_u64(GVA).unwrap(), 0xaaaa_aaaa_aaaa_aaaa);
+    let old = tables.read_entry(entry).unwrap();
+    let frame_bits = 0x000f_ffff_ffff_f000;
+    let remapped = (old & !frame_bits) | FRAME_B.0;
+    space
+        .write_u64(Gva(window.0 + (entry.0 & 0xfff)), remapped)
+        .unwrap();
+    assert_eq!(tables.read_entry(entry).unwrap(), remapped);
+    assert_eq!(space.read_u64(GVA).unwrap(), 0xbbbb_bbbb_bbbb_bbbb);
+}
+
+/// Memory whose backend bumps an epoch, as a live guest's does on every resume.
+struct Resumable<'m> {
+    mem: &'m MockMemory,
+    epoch: InvalidationEpoch,
+}
+
+impl PhysicalMemory for Resumable<'_> {
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), kvmaccess_core::Error> {
+        self.mem.read_phys(gpa, buf)
+    }
+
+    fn ranges(&self) -> &[PhysRange] {
+        self.mem.ranges()
+    }
+
+    fn invalidation_epoch(&self) -> Option<InvalidationEpoch> {
+        Some(self.epoch.clone())
+    }
+}
+
+#[test]
+fn a_new_space_follows_its_backends_epoch() {
+    let mem = MockMemory::new(RAM);
+    let mut tables = setup(&mem);
+    let backend = Resumable {
+        mem: &mem,
+        epoch: InvalidationEpoch::new(),
+    };
+    let mut space = AddressSpace::new(&backend, PagingMode::Level4, tables.cr3());
+    assert_eq!(space.read_u64(GVA).unwrap(), 0xaaaa_aaaa_aaaa_aaaa);
+    // The guest remaps the page while it runs; the paused snapshot's translation is kept...
+    tables
+        .map(GVA, FRAME_B, TkSize::Size4K, MapFlags::USER_RW)
+        .unwrap();
+    assert_eq!(space.read_u64(GVA).unwrap(), 0xaaaa_aaaa_aaaa_aaaa);
+    // ...until the backend says the guest ran.
+    backend.epoch.bump();
+    assert_eq!(space.read_u64(GVA).unwrap(), 0xbbbb_bbbb_bbbb_bbbb);
+}
