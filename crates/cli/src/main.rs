@@ -1,5 +1,7 @@
 //! `kvmaccess`: inspect a QEMU/KVM guest's memory, registers and descriptor tables from outside.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod bench_monitor;
 mod boot;
@@ -145,16 +147,27 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            // One line a user can act on: the chain of causes joined, no backtrace.
-            let message = error
-                .chain()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("kvmaccess: error: {message}");
+            eprintln!("kvmaccess: error: {}", one_line(&error));
             ExitCode::from(2)
         }
     }
+}
+
+/// One line a user can act on: the chain of causes joined, no backtrace. A library error that
+/// already quotes its cause in its own message is not followed by that cause again.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -210,11 +223,56 @@ pub fn size_arg(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{one_line, Cli};
     use clap::CommandFactory;
 
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[derive(Debug)]
+    struct Walk;
+
+    impl std::fmt::Display for Walk {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("PML4 entry at 0x1000 is not present")
+        }
+    }
+
+    impl std::error::Error for Walk {}
+
+    /// A library error that quotes its cause and also gives it as its source.
+    #[derive(Debug)]
+    struct Quoting(Walk);
+
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "reading the GDT at 0x0: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        let error = anyhow::Error::new(Quoting(Walk)).context("gdt of vCPU 0");
+        assert_eq!(
+            one_line(&error),
+            "gdt of vCPU 0: reading the GDT at 0x0: PML4 entry at 0x1000 is not present"
+        );
+    }
+
+    #[test]
+    fn causes_are_joined() {
+        let error = anyhow::Error::new(Walk).context("translating 0x10");
+        assert_eq!(
+            one_line(&error),
+            "translating 0x10: PML4 entry at 0x1000 is not present"
+        );
     }
 }

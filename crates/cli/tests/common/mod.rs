@@ -66,6 +66,15 @@ impl Run {
             self.stderr
         );
         assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        // A cause is said once, even when a library error quotes it and also chains it.
+        let parts: Vec<&str> = lines[0].split(": ").filter(|p| p.len() > 12).collect();
+        for (i, part) in parts.iter().enumerate() {
+            assert!(
+                !parts[i + 1..].contains(part),
+                "{part:?} is repeated: {}",
+                self.stderr
+            );
+        }
     }
 }
 
