@@ -27,6 +27,7 @@ host-packages:
 	[ -x /bin/busybox ] || missing+=(busybox-static); \
 	command -v readelf >/dev/null || missing+=(binutils); \
 	command -v cc >/dev/null || missing+=(gcc); \
+	command -v python3 >/dev/null || missing+=(python3); \
 	if [ $${#missing[@]} -gt 0 ]; then \
 		echo "installing $${missing[*]}"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}"; \
@@ -58,19 +59,26 @@ build:
 release:
 	$(CARGO) build --release -p kvmaccess
 
+# The fuzz crate lives outside the workspace (cargo-fuzz's layout): linted on its own.
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --check
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 
 deny: cargo-tools
 	$(CARGO) deny check licenses bans sources
 
 unit:
-	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test --workspace --lib --bins --no-fail-fast
 
-# Real-guest tests boot QEMU; they fail (never skip) when the guest is missing, so `guest` runs first.
+# Unit tests first, then the integration tests (most boot a real guest under QEMU; they fail,
+# never skip, when the guest is missing, so `guest` runs first), the doc examples, and the
+# fuzz targets briefly.
 test: deps guest vmlinux-dbg volatility lint deny
-	$(CARGO) test --workspace --no-fail-fast
+	@$(MAKE) --no-print-directory unit
+	$(CARGO) test --workspace --test '*' --no-fail-fast
+	$(CARGO) test --workspace --doc
 	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 demo: host-packages guest release
@@ -79,12 +87,13 @@ demo: host-packages guest release
 bench: host-packages guest release
 	@scripts/bench.sh $(ACCEL)
 
-# Every fuzz target briefly, with debug assertions on so arithmetic overflow counts as a crash.
+# Every fuzz target briefly, with debug assertions on so arithmetic overflow counts as a crash,
+# and any input that takes over 10 s (a loop the guest could trigger) as one too.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the one stable toolchain accept them.
 fuzz-smoke: host-packages cargo-tools
 	@cd fuzz && for t in $$(RUSTC_BOOTSTRAP=1 cargo fuzz list); do \
 		echo "fuzzing $$t for $(FUZZ_SECONDS)s"; \
-		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 || exit 1; \
 	done
 
 clean:

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         let mut previous = None;
         for entry in &gdt {
             // Selectors strictly increase; 16-byte descriptors skip one slot.
-            assert!(previous.map_or(true, |p| entry.selector > p));
+            assert!(previous.is_none_or(|p| entry.selector > p));
             previous = Some(entry.selector);
             let _ = entry.to_string();
         }

@@ -24,10 +24,17 @@ fuzz_target!(|data: &[u8]| {
     let mut prev_end = 0u64;
     for (i, range) in core.ranges().iter().enumerate() {
         assert!(range.start < range.end, "empty range reported");
-        assert!(i == 0 || range.start.0 > prev_end, "ranges unsorted or not merged");
+        assert!(
+            i == 0 || range.start.0 > prev_end,
+            "ranges unsorted or not merged"
+        );
         prev_end = range.end.0;
         let first = range.start;
-        let last = Gpa(range.end.0.saturating_sub(buf.len() as u64).max(range.start.0));
+        let last = Gpa(range
+            .end
+            .0
+            .saturating_sub(buf.len() as u64)
+            .max(range.start.0));
         let _ = core.read_phys(first, &mut buf);
         let _ = core.read_phys(last, &mut buf);
         // One byte past the end of a range is either the next range or a hole.

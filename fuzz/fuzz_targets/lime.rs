@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
     // LiME stores every byte it covers, so the ranges can never exceed the file.
     assert!(dump.ram_size() <= data.len() as u64);
     for range in dump.ranges() {
-        let len = usize::try_from(range.len()).unwrap_or(usize::MAX).min(buf.len());
+        let len = usize::try_from(range.len())
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         assert!(dump.read_phys(range.start, &mut buf[..len]).is_ok());
         let _ = dump.read_phys(Gpa(range.end.0.saturating_sub(1)), &mut buf);
     }

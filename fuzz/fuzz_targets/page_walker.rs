@@ -5,7 +5,8 @@
 
 use kvmaccess_core::{Gpa, Gva, PhysRange, PhysicalMemory};
 use kvmaccess_x86::{
-    read_virt, translate_range, translate_with, AddressSpace, PagingMode, TranslationCache, WalkOptions,
+    read_virt, translate_range, translate_with, AddressSpace, PagingMode, TranslationCache,
+    WalkOptions,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -80,12 +81,16 @@ fuzz_target!(|data: &[u8]| {
 
     let mut buf = vec![0u8; len];
     let _ = read_virt(&memory, mode, cr3, gva, &mut buf);
-    let _ = translate_range(&memory, mode, cr3, gva, u64::MAX >> (control >> 2)).take(8).count();
+    let _ = translate_range(&memory, mode, cr3, gva, u64::MAX >> (control >> 2))
+        .take(8)
+        .count();
 
     // The same reads through the cache, twice (miss then hit), validating or not.
     let mut cache = TranslationCache::new(16);
     cache.set_validate(control & 0x40 != 0);
-    let mut space = AddressSpace::new(&memory, mode, cr3).with_options(options).with_cache(cache);
+    let mut space = AddressSpace::new(&memory, mode, cr3)
+        .with_options(options)
+        .with_cache(cache);
     let first = space.read(gva, &mut buf).is_ok();
     let second = space.read(gva, &mut buf).is_ok();
     // Memory does not change between the reads, so neither may the outcome.

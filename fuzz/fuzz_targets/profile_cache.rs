@@ -20,7 +20,11 @@ fn check(data: &[u8]) {
     let Ok(file) = CacheFile::parse(data) else {
         return;
     };
-    assert_eq!(file.encode(), data, "a parsed file re-encodes to its own bytes");
+    assert_eq!(
+        file.encode(),
+        data,
+        "a parsed file re-encodes to its own bytes"
+    );
     if let CacheFile::Symbols(entry) = file {
         let (table, _) =
             SymbolTable::with_index_hints(entry.names.symbols, entry.by_name, entry.by_address);
