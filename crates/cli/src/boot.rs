@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use kvmaccess_qemu::{Accel, GuestState, LaunchConfig};
+use kvmaccess_qemu::{Accel, GuestState, LaunchConfig, RamBackend};
 use serde::Serialize;
 
 use crate::output::print_json;
@@ -27,6 +27,14 @@ pub enum AccelArg {
     Tcg,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RamArg {
+    /// A shared file in /dev/shm (or the run directory), visible to other tools by its path.
+    File,
+    /// An anonymous memfd: no file to leave behind; kvmaccess finds it through /proc/PID/fd.
+    Memfd,
+}
+
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// Kernel image [default: the built-in Debian cloud kernel].
@@ -44,6 +52,9 @@ pub struct BootArgs {
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
+    /// How QEMU shares guest RAM with kvmaccess.
+    #[arg(long, value_enum, default_value_t = RamArg::File)]
+    ram: RamArg,
     /// QEMU CPU model. `max` gives 5-level paging under TCG; add `no5lvl` to --append for 4-level.
     #[arg(long, default_value = "max")]
     cpu: String,
@@ -153,6 +164,10 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
     config.extra_args = args.qemu_args.clone();
     config.no_reboot = !args.allow_reboot;
     config.pvpanic = !args.no_pvpanic;
+    config.ram = match args.ram {
+        RamArg::File => RamBackend::File,
+        RamArg::Memfd => RamBackend::Memfd,
+    };
     config.accel = match args.accel {
         AccelArg::Auto => Accel::Auto,
         AccelArg::Kvm => Accel::Kvm,
@@ -199,7 +214,13 @@ pub fn boot(target: &TargetArgs, args: &BootArgs, json: bool) -> Result<()> {
         state.console_socket.display(),
         state.console_log.display()
     );
-    outln!("  ram:     {}", state.ram_path.display());
+    match &state.ram_path {
+        Some(path) => outln!("  ram:     {}", path.display()),
+        None => outln!(
+            "  ram:     a memfd of QEMU's (found through /proc/{}/fd)",
+            state.pid
+        ),
+    }
     let guest_flag = if name == crate::target::DEFAULT_GUEST {
         String::new()
     } else {

@@ -20,15 +20,25 @@ fn num(value: &Value) -> u64 {
 }
 
 /// Reads `linux_banner` through the kernel's page tables and compares it with the guest's own
-/// /proc/version; checks the paging mode the registers report.
-fn banner_through_paging(extra_append: &str, expect_la57: bool) {
-    let mut boot = vec!["--smp", "1"];
+/// /proc/version; checks the paging mode the registers report. `ram` is `boot --ram`: with a
+/// memfd there is no RAM file, and every command must find it through QEMU's /proc/PID/fd.
+fn banner_through_paging(extra_append: &str, expect_la57: bool, ram: &str) {
+    let mut boot = vec!["--smp", "1", "--ram", ram];
     if !extra_append.is_empty() {
         boot.extend_from_slice(&["--append", extra_append]);
     }
     let guest = BootedGuest::boot(&boot);
+    let state = guest_state(&guest);
+    assert_eq!(state["ram_backend"], ram);
+    assert_eq!(state["ram_path"].is_null(), ram == "memfd", "{state}");
 
-    let regs = guest.run(&["--json", "regs"]).ok().json();
+    let regs = guest.run(&["--json", "regs"]).ok();
+    assert!(
+        !regs.stderr.contains("/mem"),
+        "guest RAM must be mapped, not read through /proc/PID/mem: {}",
+        regs.stderr
+    );
+    let regs = regs.json();
     let cr4 = num(&regs[0]["cr4"]);
     assert_eq!(cr4 & CR4_LA57 != 0, expect_la57, "CR4 {cr4:#x}");
     let mode = regs[0]["paging_mode"].as_str().expect("mode");
@@ -74,14 +84,20 @@ fn banner_through_paging(extra_append: &str, expect_la57: bool) {
     );
 }
 
-#[test]
-fn banner_is_read_through_five_level_paging() {
-    banner_through_paging("", true);
+/// The state file `boot` wrote for the guest.
+fn guest_state(guest: &BootedGuest) -> Value {
+    let path = guest.run_root.path().join("default/guest.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("state")).expect("json")
 }
 
 #[test]
-fn banner_is_read_through_four_level_paging() {
-    banner_through_paging("no5lvl", false);
+fn banner_is_read_through_five_level_paging() {
+    banner_through_paging("", true, "file");
+}
+
+#[test]
+fn banner_is_read_through_four_level_paging_from_memfd_ram() {
+    banner_through_paging("no5lvl", false, "memfd");
 }
 
 /// Registers equal between the live guest and an ELF core taken at the same paused moment; the
@@ -280,10 +296,7 @@ fn write_needs_consent_and_the_guest_sees_it() {
 fn scanning_and_dumping_do_not_inflate_guest_ram() {
     use std::os::unix::fs::MetadataExt;
     let guest = BootedGuest::boot(&["--smp", "1", "--mem", "1G"]);
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(guest.run_root.path().join("default/guest.json")).expect("state"),
-    )
-    .expect("json");
+    let state = guest_state(&guest);
     let ram = std::path::PathBuf::from(state["ram_path"].as_str().expect("ram_path"));
     let allocated = || std::fs::metadata(&ram).expect("ram file").blocks() * 512;
     let before = allocated();

@@ -75,6 +75,19 @@ pub fn kvm_probe() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Where QEMU keeps guest RAM. Both are shared mappings that an attach maps read-only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RamBackend {
+    /// A file (`memory-backend-file`) in /dev/shm or the run directory, named in the state file.
+    #[default]
+    File,
+    /// An anonymous memfd (`memory-backend-memfd`). It has no name in the file system: an
+    /// attach finds it among QEMU's open files in `/proc/PID/fd` (which needs the rights to
+    /// ptrace QEMU, as the same user has), and nothing is left behind when QEMU dies.
+    Memfd,
+}
+
 /// What to boot and how. Build with [`LaunchConfig::new`] and adjust the public fields.
 #[derive(Clone, Debug)]
 pub struct LaunchConfig {
@@ -98,7 +111,10 @@ pub struct LaunchConfig {
     pub run_dir: PathBuf,
     /// The QEMU binary.
     pub qemu: PathBuf,
-    /// Put the RAM file in /dev/shm (fast tmpfs) when possible, else in `run_dir`.
+    /// How guest RAM is shared.
+    pub ram: RamBackend,
+    /// Put the RAM file in /dev/shm (fast tmpfs) when possible, else in `run_dir`; only for
+    /// [`RamBackend::File`].
     pub ram_in_dev_shm: bool,
     /// Pass `-no-reboot`: a guest reboot (or a panic with `panic=-1`) ends QEMU instead of
     /// looping.
@@ -118,7 +134,7 @@ pub struct LaunchConfig {
 
 impl LaunchConfig {
     /// Defaults: 512 MiB, 1 vCPU, automatic accelerator, `-cpu max`, `console=ttyS0` on the
-    /// command line, RAM in /dev/shm, `-no-reboot`, `-device vmcoreinfo`, a pvpanic device that
+    /// command line, RAM in a file in /dev/shm, `-no-reboot`, `-device vmcoreinfo`, a pvpanic device that
     /// pauses the guest on panic.
     pub fn new(kernel: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -132,6 +148,7 @@ impl LaunchConfig {
             extra_args: Vec::new(),
             run_dir: run_dir.into(),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            ram: RamBackend::File,
             ram_in_dev_shm: true,
             no_reboot: true,
             vmcoreinfo: true,
@@ -151,13 +168,18 @@ impl LaunchConfig {
             console_log: self.run_dir.join("console.log"),
             qemu_log: self.run_dir.join("qemu.log"),
             pid_file: self.run_dir.join("qemu.pid"),
-            ram_path: self.run_dir.join("ram"),
+            ram_backend: self.ram,
+            ram_path: match self.ram {
+                RamBackend::File => Some(self.run_dir.join("ram")),
+                RamBackend::Memfd => None,
+            },
             accel: Accel::Tcg,
             started_unix: 0,
         }
     }
 
-    /// The QEMU command line for an already-resolved accelerator and RAM file.
+    /// The QEMU command line for an already-resolved accelerator and RAM file (`state.ram_path`,
+    /// needed for [`RamBackend::File`]).
     pub fn args(&self, accel: Accel, state: &GuestState) -> Result<Vec<OsString>> {
         if self.mem_bytes == 0 || self.mem_bytes % (1 << 20) != 0 {
             return Err(Error::Launch(format!(
@@ -180,10 +202,7 @@ impl LaunchConfig {
         push("-smp");
         push(&self.smp.to_string());
         push("-object");
-        push(&format!(
-            "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
-            qemu_opt_path(&state.ram_path)?
-        ));
+        push(&self.ram_object(mib, state)?);
         push("-machine");
         push("memory-backend=ram");
         push("-qmp");
@@ -235,6 +254,22 @@ impl LaunchConfig {
         Ok(a)
     }
 
+    /// The `-object` value of the RAM backend, which `-machine memory-backend=ram` names.
+    fn ram_object(&self, mib: u64, state: &GuestState) -> Result<String> {
+        match self.ram {
+            RamBackend::File => {
+                let path = state.ram_path.as_deref().ok_or_else(|| {
+                    Error::Launch("a file-backed guest needs a RAM file path".to_string())
+                })?;
+                Ok(format!(
+                    "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
+                    qemu_opt_path(path)?
+                ))
+            }
+            RamBackend::Memfd => Ok(format!("memory-backend-memfd,id=ram,size={mib}M,share=on")),
+        }
+    }
+
     /// Start QEMU and wait until its QMP socket answers. The returned [`Guest`] kills QEMU when
     /// dropped unless [`Guest::detach`] is called.
     pub fn launch(&self) -> Result<Guest> {
@@ -273,7 +308,9 @@ impl LaunchConfig {
             ..self.clone()
         }
         .paths();
-        state.ram_path = ram_file_path(&run_dir, self.ram_in_dev_shm);
+        if self.ram == RamBackend::File {
+            state.ram_path = Some(ram_file_path(&run_dir, self.ram_in_dev_shm));
+        }
         let (accel, _why) = self.accel.resolve();
         state.accel = accel;
         for p in [&state.qmp_socket, &state.console_socket]
@@ -373,8 +410,11 @@ pub struct GuestState {
     pub qemu_log: PathBuf,
     /// QEMU's `-pidfile`.
     pub pid_file: PathBuf,
-    /// The shared file holding guest RAM.
-    pub ram_path: PathBuf,
+    /// How guest RAM is shared; state files written before memfd existed mean a file.
+    #[serde(default)]
+    pub ram_backend: RamBackend,
+    /// The shared file holding guest RAM; `None` for a memfd, which has no path.
+    pub ram_path: Option<PathBuf>,
     /// The accelerator QEMU was started with.
     pub accel: Accel,
     /// Start time, seconds since the Unix epoch.
@@ -443,20 +483,20 @@ impl GuestState {
         Ok(())
     }
 
-    /// Remove the RAM file, sockets, PID and state files. Only call once QEMU has exited: the
-    /// RAM file lives in tmpfs and would otherwise hold the guest's memory forever.
+    /// Remove the RAM file (if RAM is in one), sockets, PID and state files. Only call once QEMU
+    /// has exited: the RAM file lives in tmpfs and would otherwise hold the guest's memory forever.
     pub fn cleanup(&self) {
         for p in [
-            &self.ram_path,
             &self.qmp_socket,
             &self.console_socket,
             &self.pid_file,
             &self.run_dir.join(Self::FILE_NAME),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.ram_path.as_ref())
+        .chain(self.monitor_socket.as_ref())
+        {
             let _ = std::fs::remove_file(p);
-        }
-        if let Some(monitor) = &self.monitor_socket {
-            let _ = std::fs::remove_file(monitor);
         }
     }
 
@@ -616,6 +656,15 @@ impl Drop for Guest {
 mod tests {
     use super::*;
 
+    /// The command line under TCG, as strings.
+    fn tcg_args(cfg: &LaunchConfig, state: &GuestState) -> Vec<String> {
+        cfg.args(Accel::Tcg, state)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
     #[test]
     fn command_line_has_shared_ram_sockets_and_escapes_commas() {
         let mut cfg = LaunchConfig::new("/k/vmlinuz", "/run/a,b");
@@ -623,13 +672,8 @@ mod tests {
         cfg.mem_bytes = 256 << 20;
         cfg.smp = 2;
         let mut st = cfg.paths();
-        st.ram_path = "/dev/shm/kvmaccess-x".into();
-        let args: Vec<String> = cfg
-            .args(Accel::Tcg, &st)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        st.ram_path = Some("/dev/shm/kvmaccess-x".into());
+        let args = tcg_args(&cfg, &st);
         let joined = args.join(" ");
         for want in [
             "-nodefaults -nographic -no-user-config",
@@ -649,15 +693,42 @@ mod tests {
     }
 
     #[test]
+    fn memfd_ram_has_no_path_and_its_own_backend() {
+        let mut cfg = LaunchConfig::new("/k", "/r");
+        cfg.ram = RamBackend::Memfd;
+        cfg.mem_bytes = 128 << 20;
+        let st = cfg.paths();
+        assert_eq!(
+            (st.ram_backend, st.ram_path.as_ref()),
+            (RamBackend::Memfd, None)
+        );
+        let args = tcg_args(&cfg, &st);
+        let joined = args.join(" ");
+        assert!(
+            joined.contains(
+                "-object memory-backend-memfd,id=ram,size=128M,share=on -machine memory-backend=ram"
+            ),
+            "{joined}"
+        );
+        assert!(!joined.contains("mem-path"), "{joined}");
+    }
+
+    #[test]
+    fn state_files_from_before_memfd_mean_a_ram_file() {
+        let mut st = LaunchConfig::new("/k", "/r").paths();
+        st.ram_path = Some("/dev/shm/x".into());
+        let mut json = serde_json::to_value(&st).unwrap();
+        json.as_object_mut().unwrap().remove("ram_backend");
+        let old: GuestState = serde_json::from_value(json).unwrap();
+        assert_eq!(old, st);
+        assert_eq!(old.ram_backend, RamBackend::File);
+    }
+
+    #[test]
     fn pvpanic_can_be_left_out() {
         let mut cfg = LaunchConfig::new("/k", "/r");
         cfg.pvpanic = false;
-        let args: Vec<String> = cfg
-            .args(Accel::Tcg, &cfg.paths())
-            .unwrap()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let args = tcg_args(&cfg, &cfg.paths());
         assert!(!args.iter().any(|a| a.contains("pvpanic")), "{args:?}");
         assert!(!args.iter().any(|a| a == "-action"), "{args:?}");
     }

@@ -2,8 +2,9 @@
 //!
 //! * [`QmpClient`]: a synchronous QMP client (greeting check, commands, HMP, events routed to a
 //!   queue by whichever caller reads the socket, QEMU's PID from the socket).
-//! * [`LaunchConfig`] / [`Guest`]: start `qemu-system-x86_64` with guest RAM in a shared file,
-//!   QMP and a serial console on unix sockets, and a state file other commands can find.
+//! * [`LaunchConfig`] / [`Guest`]: start `qemu-system-x86_64` with guest RAM in a shared file
+//!   or memfd, QMP and a serial console on unix sockets, and a state file other commands can
+//!   find.
 //! * [`Console`]: drive the guest's serial console (wait for a marker, run a shell command).
 //! * [`QemuVm`]: attach to any QEMU by its QMP socket; implements the kvmaccess-core traits
 //!   [`PhysicalMemory`](kvmaccess_core::PhysicalMemory),
@@ -35,7 +36,7 @@ mod vm;
 
 pub use console::Console;
 pub use error::{Error, Result};
-pub use launch::{kvm_probe, Accel, Guest, GuestState, LaunchConfig};
+pub use launch::{kvm_probe, Accel, Guest, GuestState, LaunchConfig, RamBackend};
 pub use qmp::{
     QmpClient, QmpEvent, DEFAULT_COMMAND_TIMEOUT, DEFAULT_GREETING_TIMEOUT, EVENT_QUEUE_LIMIT,
 };

@@ -10,7 +10,7 @@
 use kvmaccess_core::{Gpa, PhysicalMemory, PhysicalMemoryWrite, VcpuState, VmControl};
 use kvmaccess_qemu::{
     Accel, AttachOptions, Error, Guest, GuestState, LaunchConfig, QemuVm, QmpClient, QmpEvent,
-    RamMode, RamSource, RegisterSource,
+    RamBackend, RamMode, RamSource, RegisterSource,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -150,8 +150,12 @@ fn boot_console_memory_and_state_file() {
     let st = GuestState::load(&g.state().run_dir).unwrap();
     assert_eq!(&st, g.state());
     assert!(st.is_alive());
-    assert!(st.ram_path.starts_with("/dev/shm"), "{:?}", st.ram_path);
-    assert!(st.ram_path.exists());
+    let ram_path = st
+        .ram_path
+        .clone()
+        .expect("a file-backed guest names its RAM file");
+    assert!(ram_path.starts_with("/dev/shm"), "{ram_path:?}");
+    assert!(ram_path.exists());
 
     // Console: a command, its status, and output without the echoed command line.
     let mut con = g.console().unwrap();
@@ -159,38 +163,19 @@ fn boot_console_memory_and_state_file() {
         .run_with_status("echo hello; false", CMD_TIMEOUT)
         .unwrap();
     assert_eq!((status, out.trim()), (1, "hello"));
-    let version = con.run("cat /proc/version", CMD_TIMEOUT).unwrap();
-    let version = version.trim().to_string();
-    assert!(version.starts_with("Linux version 6."), "{version:?}");
-    let banner_va = kallsyms_addr(&mut con, "linux_banner");
 
     let vm = g.attach().unwrap();
     assert_eq!(vm.pid(), Some(g.pid()));
     assert_eq!(
         vm.ram_source(),
         RamSource::SharedFile {
-            path: st.ram_path.clone()
+            path: ram_path.clone()
         }
     );
     assert!(vm.notice().is_none());
     assert_eq!(vm.ram_size(), 512 << 20);
     assert_eq!(vm.ranges().first().map(|r| r.start), Some(Gpa(0)));
-
-    // linux_banner's physical address from VMCOREINFO (published by the guest's qemu_fw_cfg to
-    // QEMU's vmcoreinfo device, read back through a dump's notes): va - __START_KERNEL_map +
-    // phys_base. Its bytes must be exactly what the guest prints as /proc/version.
-    let notes = vm.dump_notes().unwrap();
-    let info = notes.vmcoreinfo_map();
-    let phys_base: i64 = info
-        .get("NUMBER(phys_base)")
-        .unwrap_or_else(|| panic!("no phys_base in VMCOREINFO {:?}", notes.vmcoreinfo))
-        .parse()
-        .unwrap();
-    let banner_pa = banner_va
-        .wrapping_sub(0xffff_ffff_8000_0000)
-        .wrapping_add_signed(phys_base);
-    let banner = read_vec(&vm, banner_pa, version.len());
-    assert_eq!(String::from_utf8_lossy(&banner), version);
+    let banner_pa = banner_matches_proc_version(&vm, &mut con);
 
     // The same bytes through /proc/PID/mem, with the guest paused so nothing moves in between.
     vm.pause().unwrap();
@@ -238,10 +223,63 @@ fn boot_console_memory_and_state_file() {
     assert_eq!(con.run("echo again", CMD_TIMEOUT).unwrap().trim(), "again");
 
     let mut g = g;
-    let ram = g.state().ram_path.clone();
     g.guest.kill().unwrap();
     assert!(!g.guest.state().is_alive());
-    assert!(!ram.exists(), "RAM file {} left behind", ram.display());
+    assert!(
+        !ram_path.exists(),
+        "RAM file {} left behind",
+        ram_path.display()
+    );
+}
+
+/// Reads `linux_banner` at its physical address from VMCOREINFO (published by the guest's
+/// qemu_fw_cfg to QEMU's vmcoreinfo device, read back through a dump's notes): va -
+/// __START_KERNEL_map + phys_base. Its bytes must be exactly what the guest prints as
+/// /proc/version. Returns the physical address.
+fn banner_matches_proc_version(vm: &QemuVm, con: &mut kvmaccess_qemu::Console) -> u64 {
+    let version = con.run("cat /proc/version", CMD_TIMEOUT).unwrap();
+    let version = version.trim().to_string();
+    assert!(version.starts_with("Linux version 6."), "{version:?}");
+    let banner_va = kallsyms_addr(con, "linux_banner");
+    let notes = vm.dump_notes().unwrap();
+    let info = notes.vmcoreinfo_map();
+    let phys_base: i64 = info
+        .get("NUMBER(phys_base)")
+        .unwrap_or_else(|| panic!("no phys_base in VMCOREINFO {:?}", notes.vmcoreinfo))
+        .parse()
+        .unwrap();
+    let banner_pa = banner_va
+        .wrapping_sub(0xffff_ffff_8000_0000)
+        .wrapping_add_signed(phys_base);
+    let banner = read_vec(vm, banner_pa, version.len());
+    assert_eq!(String::from_utf8_lossy(&banner), version);
+    banner_pa
+}
+
+/// `LaunchConfig` with memfd RAM: no RAM file anywhere, and an attach maps the memfd through
+/// /proc/PID/fd, so the guest reads the same as a file-backed one.
+#[test]
+fn memfd_launched_guest_is_read_through_proc_fd() {
+    let g = launch_with(256, 1, &[], true, |cfg| cfg.ram = RamBackend::Memfd);
+    let st = GuestState::load(&g.state().run_dir).unwrap();
+    assert_eq!(
+        (st.ram_backend, st.ram_path.as_ref()),
+        (RamBackend::Memfd, None)
+    );
+    let vm = g.attach().unwrap();
+    match vm.ram_source() {
+        RamSource::SharedFile { path } => {
+            assert!(
+                path.starts_with(format!("/proc/{}/fd", g.pid())),
+                "{path:?}"
+            )
+        }
+        other => panic!("memfd RAM must be mapped, not read through {other:?}"),
+    }
+    assert!(vm.notice().is_none(), "{:?}", vm.notice());
+    assert_eq!(vm.ram_size(), 256 << 20);
+    let mut con = g.console().unwrap();
+    banner_matches_proc_version(&vm, &mut con);
 }
 
 #[test]
@@ -476,7 +514,7 @@ fn detached_guest_keeps_running_and_shuts_down_cleanly() {
     assert!(err.to_string().contains("still running"), "{err}");
     state.shutdown(Duration::from_secs(20)).unwrap();
     assert!(!state.is_alive());
-    assert!(!state.ram_path.exists());
+    assert!(!state.ram_path.as_ref().is_some_and(|p| p.exists()));
     assert!(GuestState::load(&state.run_dir).is_err());
 }
 
