@@ -189,7 +189,33 @@ struct RegsReport {
     paging_mode_evidence: ModeEvidence,
     cr3_decoded: Cr3,
     control: ControlRegisters,
+    /// The EFER bits the other registers prove when EFER itself was not recorded.
+    efer_inferred: Option<EferInferred>,
     protections: Vec<kvmaccess_x86::SecurityFeature>,
+}
+
+/// EFER bits implied by a snapshot without EFER (QEMU's dump notes have none).
+#[derive(Debug, PartialEq, Eq, Serialize)]
+struct EferInferred {
+    lma: bool,
+    lme: bool,
+    /// Nothing else in a snapshot shows whether no-execute is enabled.
+    nxe: Option<bool>,
+    reason: &'static str,
+}
+
+const LONG_MODE_PROOF: &str =
+    "CS.L=1 with CR0.PG and CR4.PAE: IA-32e mode is active, so LMA is set, and LMA implies LME";
+
+/// LMA and LME when CS is a 64-bit code segment under PAE paging: the L bit only takes effect
+/// in IA-32e mode. The weaker hint of descriptor tables above 4 GiB proves nothing about EFER.
+fn infer_efer(registers: &Registers, evidence: ModeEvidence) -> Option<EferInferred> {
+    (registers.efer.is_none() && evidence == ModeEvidence::CsLongBit).then_some(EferInferred {
+        lma: true,
+        lme: true,
+        nxe: None,
+        reason: LONG_MODE_PROOF,
+    })
 }
 
 fn regs_report(registers: Registers) -> RegsReport {
@@ -198,6 +224,7 @@ fn regs_report(registers: Registers) -> RegsReport {
     RegsReport {
         paging_mode: detection.mode,
         paging_mode_evidence: detection.evidence,
+        efer_inferred: infer_efer(&registers, detection.evidence),
         cr3_decoded: Cr3::from_registers(&registers),
         protections: control.security_features().to_vec(),
         control,
@@ -298,12 +325,29 @@ fn format_regs(report: &RegsReport) -> String {
             .map_or_else(|| "none".to_string(), |g| g.to_string()),
         cr3.pcid.map(|p| format!(" PCID={p}")).unwrap_or_default()
     ));
-    s.push_str(&format!("{}\n", report.control));
+    s.push_str(&control_text(report));
     if let Some(kgs) = r.kernel_gs_base {
         s.push_str(&format!("KERNEL_GS_BASE {kgs:#018x}\n"));
     }
     s.push('\n');
     s
+}
+
+/// CR0, CR4 and EFER as kvmaccess-x86 prints them, except that an unrecorded EFER whose long-mode
+/// bits are proven says so rather than "EFER unknown".
+fn control_text(report: &RegsReport) -> String {
+    let text = report.control.to_string();
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| match &report.efer_inferred {
+            Some(inferred) if line == "EFER unknown" => format!(
+                "EFER not recorded; inferred LME LMA ({}); NXE and the other bits unknown",
+                inferred.reason
+            ),
+            _ => line.to_string(),
+        })
+        .collect();
+    lines.join("\n") + "\n"
 }
 
 /// The address space a command walks: the vCPU's, or the one named by --cr3 (and --paging).
@@ -741,7 +785,79 @@ fn write_dump(target: &Target, cmd: &DumpArgs, json: bool) -> Result<(u64, usize
 
 #[cfg(test)]
 mod tests {
-    use super::parse_hex_bytes;
+    use super::{format_regs, parse_hex_bytes, regs_report, LONG_MODE_PROOF};
+    use kvmaccess_core::Registers;
+
+    const CR0_PE_PG: u64 = 1 | 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const SEG_L: u32 = 1 << 21;
+    const EFER_LME_LMA_NXE: u64 = 1 << 8 | 1 << 10 | 1 << 11;
+
+    /// A vCPU in the kernel of a 64-bit guest, as QEMU's dump notes record it: no EFER.
+    fn long_mode_without_efer() -> Registers {
+        let mut r = Registers {
+            cr0: CR0_PE_PG,
+            cr4: CR4_PAE,
+            ..Registers::default()
+        };
+        r.cs.flags = SEG_L | 0x9b00;
+        r
+    }
+
+    #[test]
+    fn cs_long_bit_under_pae_paging_proves_lma_and_lme() {
+        let report = regs_report(long_mode_without_efer());
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["efer"].is_null(), "{json}");
+        let inferred = &json["efer_inferred"];
+        assert_eq!(inferred["lma"], true);
+        assert_eq!(inferred["lme"], true);
+        assert!(inferred["nxe"].is_null(), "{inferred}");
+        assert_eq!(inferred["reason"], LONG_MODE_PROOF);
+        let text = format_regs(&report);
+        assert!(!text.contains("EFER unknown"), "{text}");
+        assert!(
+            text.contains("EFER not recorded; inferred LME LMA (CS.L=1"),
+            "{text}"
+        );
+        assert!(text.contains("EFER.NXE=unknown"), "{text}");
+    }
+
+    #[test]
+    fn efer_is_not_inferred_without_proof_or_need() {
+        let compat_mode = {
+            let mut r = long_mode_without_efer();
+            r.cs.flags &= !SEG_L;
+            r.gdtr.base = 0xffff_fe00_0000_1000;
+            r
+        };
+        let no_pae = Registers {
+            cr4: 0,
+            ..long_mode_without_efer()
+        };
+        let no_paging = Registers {
+            cr0: 1,
+            ..long_mode_without_efer()
+        };
+        for (what, r) in [
+            ("tables above 4 GiB", compat_mode),
+            ("32-bit paging", no_pae),
+            ("paging off", no_paging),
+        ] {
+            let report = regs_report(r);
+            assert!(report.efer_inferred.is_none(), "{what}");
+            assert!(format_regs(&report).contains("EFER unknown"), "{what}");
+        }
+        let recorded = Registers {
+            efer: Some(EFER_LME_LMA_NXE),
+            ..long_mode_without_efer()
+        };
+        let report = regs_report(recorded);
+        assert!(report.efer_inferred.is_none());
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["efer_inferred"].is_null(), "{json}");
+        assert!(format_regs(&report).contains("EFER 0x0000000000000d00 [LME LMA NXE]"));
+    }
 
     #[test]
     fn hex_bytes_in_common_spellings() {

@@ -122,56 +122,58 @@ fn live_registers_tables_and_dump_agree() {
         .run(&["--dump", core_str, "--json", "regs", "--all"])
         .ok()
         .json();
+    // A second core whose register notes come from QEMU's own dump notes: unlike HMP they hold
+    // KERNEL_GS_BASE, so that register is compared between two sources that both have it.
+    let notes_core = guest.run_root.path().join("notes.core");
+    let notes_core_str = notes_core.to_str().expect("utf-8 path");
+    guest
+        .run(&["--regs-from-dump", "dump", "-o", notes_core_str, "--quiet"])
+        .ok();
+    let from_notes_core = guest
+        .run(&["--dump", notes_core_str, "--json", "regs", "--all"])
+        .ok()
+        .json();
 
-    let live = live.as_array().expect("array");
-    assert_eq!(live.len(), 2, "two vCPUs");
-    for (source, other) in [
+    let sources = [
+        ("HMP", &live),
         ("ELF core", &from_core),
         ("dump notes over QMP", &live_via_notes),
-    ] {
-        let other = other.as_array().expect("array");
-        assert_eq!(other.len(), live.len(), "{source}: vCPU count");
-        for (a, b) in live.iter().zip(other) {
-            for field in [
-                "rip", "rsp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r15",
-                "rflags", "cr0", "cr2", "cr3", "cr4",
-            ] {
-                assert_eq!(
-                    num(&a[field]),
-                    num(&b[field]),
-                    "{source}: vCPU {} {field}",
-                    a["vcpu"]
-                );
-            }
-            for table in ["gdtr", "idtr"] {
-                assert_eq!(
-                    num(&a[table]["base"]),
-                    num(&b[table]["base"]),
-                    "{source}: {table}"
-                );
-                assert_eq!(
-                    num(&a[table]["limit"]),
-                    num(&b[table]["limit"]),
-                    "{source}: {table}"
-                );
-            }
-            for seg in ["cs", "ss", "tr"] {
-                assert_eq!(
-                    num(&a[seg]["selector"]),
-                    num(&b[seg]["selector"]),
-                    "{source}: {seg}"
-                );
-                assert_eq!(
-                    num(&a[seg]["base"]),
-                    num(&b[seg]["base"]),
-                    "{source}: {seg}"
-                );
-            }
-        }
+        ("ELF core of dump-note registers", &from_notes_core),
+    ];
+    assert_eq!(live.as_array().expect("array").len(), 2, "two vCPUs");
+    for (source, other) in &sources[1..] {
+        assert_registers_agree(&live, other, source);
     }
-    // The live registers include EFER (from HMP); the core has none and says so.
-    assert!(live[0]["efer"].is_number() || live[0]["efer"].is_string());
+    let kgs_compared: usize = sources
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| sources[i + 1..].iter().map(move |b| (a, b)))
+        .map(|((na, a), (nb, b))| kernel_gs_base_agrees(a, b, &format!("{na} vs {nb}")))
+        .sum();
+    assert!(
+        kgs_compared >= 2,
+        "KERNEL_GS_BASE compared only {kgs_compared} times"
+    );
+    let live = live.as_array().expect("array");
+
+    // The live registers include EFER (from HMP); the core has none, and proves only LMA and
+    // LME (from CS.L), which must agree with the live EFER.
+    let efer = num(&live[0]["efer"]);
+    assert_eq!(efer & 0x500, 0x500, "EFER {efer:#x}: LME and LMA");
     assert!(from_core[0]["efer"].is_null());
+    let inferred = &from_core[0]["efer_inferred"];
+    assert_eq!(
+        (&inferred["lma"], &inferred["lme"]),
+        (&true.into(), &true.into())
+    );
+    assert!(inferred["nxe"].is_null(), "{inferred}");
+    assert!(live[0]["efer_inferred"].is_null());
+    let core_text = guest.run(&["--dump", core_str, "regs"]).ok().stdout;
+    assert!(
+        core_text.contains("EFER not recorded; inferred LME LMA")
+            && !core_text.contains("EFER unknown"),
+        "{core_text}"
+    );
 
     for source in [
         &["--json", "gdt"][..],
@@ -244,6 +246,69 @@ fn live_registers_tables_and_dump_agree() {
     guest.run(&["resume"]).ok();
     let status = guest.run(&["--json", "resume"]).ok().json();
     assert_eq!(status["running"], true);
+}
+
+/// Every register `regs --json` prints for both `a` and `b` (lists of vCPUs) is equal: the
+/// general registers, RIP, RFLAGS, CR0-4, GDTR/IDTR and all of each segment register's cached
+/// state.
+fn assert_registers_agree(a: &Value, b: &Value, source: &str) {
+    let (a, b) = (a.as_array().expect("array"), b.as_array().expect("array"));
+    assert_eq!(a.len(), b.len(), "{source}: vCPU count");
+    for (a, b) in a.iter().zip(b) {
+        let vcpu = &a["vcpu"];
+        for field in [
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15", "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
+        ] {
+            assert_eq!(
+                num(&a[field]),
+                num(&b[field]),
+                "{source}: vCPU {vcpu} {field}"
+            );
+        }
+        for (register, parts) in [
+            ("gdtr", &["base", "limit"][..]),
+            ("idtr", &["base", "limit"]),
+            ("cs", &["selector", "base", "limit", "flags"]),
+            ("ss", &["selector", "base", "limit", "flags"]),
+            ("ds", &["selector", "base", "limit", "flags"]),
+            ("es", &["selector", "base", "limit", "flags"]),
+            ("fs", &["selector", "base", "limit", "flags"]),
+            ("gs", &["selector", "base", "limit", "flags"]),
+            ("ldtr", &["selector", "base", "limit", "flags"]),
+            ("tr", &["selector", "base", "limit", "flags"]),
+        ] {
+            for part in parts {
+                assert_eq!(
+                    num(&a[register][part]),
+                    num(&b[register][part]),
+                    "{source}: vCPU {vcpu} {register}.{part}"
+                );
+            }
+        }
+    }
+}
+
+/// KERNEL_GS_BASE is equal on every vCPU where both lists have it; returns how many vCPUs that
+/// was (HMP does not print it).
+fn kernel_gs_base_agrees(a: &Value, b: &Value, sources: &str) -> usize {
+    let pairs = a
+        .as_array()
+        .expect("array")
+        .iter()
+        .zip(b.as_array().expect("array"));
+    let known =
+        pairs.filter(|(a, b)| !a["kernel_gs_base"].is_null() && !b["kernel_gs_base"].is_null());
+    known
+        .map(|(a, b)| {
+            assert_eq!(
+                num(&a["kernel_gs_base"]),
+                num(&b["kernel_gs_base"]),
+                "{sources}: vCPU {} KERNEL_GS_BASE",
+                a["vcpu"]
+            );
+        })
+        .count()
 }
 
 /// A write lands in guest memory and the guest sees it; without --allow-write nothing changes.
