@@ -28,6 +28,7 @@ host-packages:
 	command -v readelf >/dev/null || missing+=(binutils); \
 	command -v cc >/dev/null || missing+=(gcc); \
 	command -v python3 >/dev/null || missing+=(python3); \
+	command -v gdb >/dev/null || missing+=(gdb); \
 	if [ $${#missing[@]} -gt 0 ]; then \
 		echo "installing $${missing[*]}"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}"; \
