@@ -203,6 +203,8 @@ pub struct ModuleTracker {
     loaded: Option<Vec<(String, u64, i64)>>,
     spans: Vec<ModuleSpan>,
     age: u32,
+    /// Found in the kernel's types on the first refresh: they do not change while it runs.
+    offsets: Option<ModuleOffsets>,
 }
 
 impl ModuleTracker {
@@ -214,13 +216,17 @@ impl ModuleTracker {
             loaded: None,
             spans: Vec::new(),
             age: u32::MAX,
+            offsets: None,
         }
     }
 
     /// Re-reads the module list now; an unreadable list leaves the previous state alone.
     fn refresh(&mut self, kernel: &mut Kernel<'_>, types: Option<&kvmaccess_linux::KernelTypes>) {
         self.age = 0;
-        let Some(off) = types.and_then(|t| ModuleOffsets::from_types(t).ok()) else {
+        if self.offsets.is_none() {
+            self.offsets = types.and_then(|t| ModuleOffsets::from_types(t).ok());
+        }
+        let Some(off) = self.offsets.clone() else {
             return;
         };
         let Ok(modules) = kernel.modules(&off) else {

@@ -245,13 +245,21 @@ const CEA_END: u64 = CEA_START + (1 << 39);
 impl<'s> AddressMap<'s> {
     /// The map of a discovered kernel (modules empty until [`AddressMap::set_modules`]).
     pub fn from_kernel(kernel: &'s Kernel<'_>) -> crate::Result<Self> {
-        Self::from_symbols(kernel.symbols())
+        // Through the kernel's memo: a monitor builds a map every pass.
+        Self::from_lookup(kernel.symbols(), |name| kernel.symbol(name).ok())
     }
 
     /// The map from a symbol table alone (`_text`, `_end`, `_stext`, `_etext` must be there).
     pub fn from_symbols(symbols: &'s SymbolTable) -> crate::Result<Self> {
+        Self::from_lookup(symbols, |name| symbols.address_of(name))
+    }
+
+    fn from_lookup(
+        symbols: &'s SymbolTable,
+        address_of: impl Fn(&str) -> Option<u64>,
+    ) -> crate::Result<Self> {
         let need = |name: &str| {
-            symbols.address_of(name).ok_or_else(|| {
+            address_of(name).ok_or_else(|| {
                 crate::Error::Implausible(format!("the kernel symbol table has no {name}"))
             })
         };

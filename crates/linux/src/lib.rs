@@ -30,6 +30,7 @@ mod types;
 pub mod vmcoreinfo;
 mod vmlinux;
 
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -200,6 +201,9 @@ pub struct KernelProfile {
     pub provenance: Provenance,
 }
 
+/// Most names [`Kernel::symbol`] remembers.
+const SYMBOL_MEMO_LIMIT: usize = 4096;
+
 /// A discovered kernel bound to the guest memory it lives in.
 ///
 /// Later layers (types from BTF, tasks, modules, syscall tables, the log buffer) build on
@@ -209,6 +213,9 @@ pub struct Kernel<'m> {
     profile: KernelProfile,
     space: Mutex<AddressSpace<'m, dyn PhysicalMemory + 'm>>,
     cache: Option<CacheBinding>,
+    /// [`Kernel::symbol`]'s answers: a monitor asks for the same few dozen names every pass,
+    /// and a search of ~150,000 names with cold caches costs microseconds each.
+    symbol_memo: Mutex<HashMap<String, Option<u64>>>,
 }
 
 /// The profile cache a kernel was discovered with, for [`Kernel::load_types`].
@@ -670,6 +677,7 @@ impl<'m> Kernel<'m> {
             mem,
             profile,
             space: Mutex::new(space),
+            symbol_memo: Mutex::default(),
             cache: None,
         }
     }
@@ -706,6 +714,10 @@ impl<'m> Kernel<'m> {
 
     /// Kernel symbols, to merge module symbols into.
     pub fn symbols_mut(&mut self) -> &mut SymbolTable {
+        self.symbol_memo
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         &mut self.profile.symbols
     }
 
@@ -758,18 +770,26 @@ impl<'m> Kernel<'m> {
 
     /// Address of a kernel symbol, or an error naming it.
     pub fn symbol(&self, name: &str) -> Result<u64> {
-        self.profile
-            .symbols
-            .address_of(name)
-            .or_else(|| {
-                self.profile
-                    .vmcoreinfo
-                    .as_ref()
-                    .and_then(|i| i.symbols.get(name).copied())
-            })
-            .ok_or_else(|| Error::VmcoreinfoMissing {
-                key: format!("symbol {name} (in neither kallsyms nor VMCOREINFO)"),
-            })
+        let mut memo = self.symbol_memo.lock().unwrap_or_else(|p| p.into_inner());
+        let found = match memo.get(name) {
+            Some(&found) => found,
+            None => {
+                let found = self.profile.symbols.address_of(name).or_else(|| {
+                    self.profile
+                        .vmcoreinfo
+                        .as_ref()
+                        .and_then(|i| i.symbols.get(name).copied())
+                });
+                // Callers ask for fixed names; a bound keeps the memo small whatever they ask.
+                if memo.len() < SYMBOL_MEMO_LIMIT {
+                    memo.insert(name.to_string(), found);
+                }
+                found
+            }
+        };
+        found.ok_or_else(|| Error::VmcoreinfoMissing {
+            key: format!("symbol {name} (in neither kallsyms nor VMCOREINFO)"),
+        })
     }
 }
 

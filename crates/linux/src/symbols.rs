@@ -223,11 +223,14 @@ impl SymbolTable {
         let start = self
             .by_name
             .partition_point(|&p| self.name_at(p).cmp(name) == Ordering::Less);
-        let end = self
-            .by_name
-            .partition_point(|&p| self.name_at(p).cmp(name) != Ordering::Greater);
-        self.by_name
-            .get(start..end)
+        // Aliases are few: walking them beats a second search over every name.
+        let after = self.by_name.get(start..).unwrap_or_default();
+        let aliases = after
+            .iter()
+            .take_while(|&&p| self.name_at(p) == name)
+            .count();
+        after
+            .get(..aliases)
             .unwrap_or_default()
             .iter()
             .filter_map(move |&p| self.at(p))

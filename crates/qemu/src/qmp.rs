@@ -9,7 +9,9 @@
 
 use crate::error::{shorten, Error, Result};
 use kvmaccess_core::InvalidationEpoch;
-use serde_json::{json, Value};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -63,14 +65,53 @@ impl QmpEvent {
     }
 }
 
+/// Bytes one read of the socket takes at most.
+const READ_CHUNK: usize = 16 << 10;
+
+/// What routing needs of a message from QEMU; everything else is skipped unparsed.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    event: Option<IgnoredAny>,
+    /// Ours are numbers; anything else is not a reply to us.
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// A command's reply: its return value of the type the caller expects, or QEMU's error.
+#[derive(Deserialize)]
+struct Reply<T> {
+    #[serde(rename = "return")]
+    returned: Option<T>,
+    error: Option<ReplyError>,
+}
+
+#[derive(Deserialize)]
+struct ReplyError {
+    #[serde(default)]
+    class: Option<String>,
+    #[serde(default)]
+    desc: Option<String>,
+}
+
+/// A command as QEMU reads it.
+#[derive(Serialize)]
+struct Request<'a, A: Serialize> {
+    execute: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<A>,
+    id: u64,
+}
+
 #[derive(Default)]
 struct State {
     /// The receiving half while nobody reads; `None` while a caller reads it outside the lock.
     reader: Option<LineReader>,
     /// Ids whose callers still wait for a reply.
     waiting: HashSet<u64>,
-    /// Replies read for waiting callers, not yet taken.
-    replies: HashMap<u64, Value>,
+    /// Replies read for waiting callers, not yet taken, as QEMU sent them: each caller parses
+    /// its own into the type it expects.
+    replies: HashMap<u64, Vec<u8>>,
     events: VecDeque<QmpEvent>,
     dropped_events: u64,
     closed: bool,
@@ -107,19 +148,26 @@ impl Shared {
 
     /// Routes one line from QEMU: an event to the queue, a reply to its waiting caller.
     fn route(&self, st: &mut State, line: &[u8]) {
-        let Ok(msg) = serde_json::from_slice::<Value>(line) else {
+        // Only the envelope is decoded here: a reply (the register dump is kilobytes of text)
+        // is parsed once, by its caller, into what that caller wants.
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(line) else {
             // QEMU only sends JSON objects; a garbled line cannot be routed, and dropping it
             // keeps the connection usable for everything else.
             return;
         };
-        if let Some(event) = QmpEvent::from_message(&msg) {
-            self.push_event(st, event);
+        if envelope.event.is_some() {
+            let event = serde_json::from_slice::<Value>(line)
+                .ok()
+                .and_then(|msg| QmpEvent::from_message(&msg));
+            if let Some(event) = event {
+                self.push_event(st, event);
+            }
             return;
         }
-        if let Some(id) = msg.get("id").and_then(Value::as_u64) {
+        if let Some(id) = envelope.id.as_ref().and_then(Value::as_u64) {
             // A reply nobody waits for any more (its caller timed out) is dropped.
             if st.waiting.contains(&id) {
-                st.replies.insert(id, msg);
+                st.replies.insert(id, line.to_vec());
             }
         }
     }
@@ -227,6 +275,11 @@ impl Shared {
 struct LineReader {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// Bytes at the start of `buf` already known to hold no newline: a reply arriving in
+    /// several reads is not searched again from its start after each.
+    scanned: usize,
+    /// Where reads land before they join `buf`; zeroed once, not on every read.
+    chunk: Box<[u8]>,
     /// The receive timeout last set on the socket, to set it only when it changes: a command
     /// waits with the same timeout every time.
     timeout: Option<Duration>,
@@ -239,24 +292,32 @@ impl LineReader {
         Self {
             stream,
             buf: Vec::new(),
+            scanned: 0,
+            chunk: vec![0; READ_CHUNK].into_boxed_slice(),
             timeout: None,
             eof: false,
         }
     }
 
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        let pos = self.buf.iter().position(|&b| b == b'\n')?;
-        let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-        line.pop();
+        let unscanned = self.buf.get(self.scanned..).unwrap_or_default();
+        let Some(found) = memchr::memchr(b'\n', unscanned) else {
+            self.scanned = self.buf.len();
+            return None;
+        };
+        let end = self.scanned + found;
+        let line = self.buf.get(..end).unwrap_or_default().to_vec();
+        self.buf.drain(..=end);
+        self.scanned = 0;
         Some(line)
     }
 
     fn fill(&mut self) -> std::io::Result<usize> {
-        let mut chunk = [0u8; 16384];
         loop {
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.chunk) {
                 Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.buf
+                        .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
                     return Ok(n);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -312,7 +373,7 @@ impl LineReader {
     /// be shared with the writing half (a dup of the same open file) while another thread
     /// sends a command.
     fn fill_available(&mut self) -> std::io::Result<usize> {
-        let mut chunk = [0u8; 16384];
+        let chunk = &mut self.chunk;
         loop {
             // SAFETY: the fd is the live socket owned by `self.stream` for the whole call, and
             // `chunk` is a writable buffer of exactly the length passed, so the kernel writes
@@ -327,8 +388,8 @@ impl LineReader {
             };
             match usize::try_from(n) {
                 Ok(n) => {
-                    let got = chunk.get(..n).unwrap_or(&chunk);
-                    self.buf.extend_from_slice(got);
+                    self.buf
+                        .extend_from_slice(chunk.get(..n).unwrap_or_default());
                     return Ok(n);
                 }
                 Err(_) => {
@@ -454,13 +515,27 @@ impl QmpClient {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value> {
+        let arguments = (!arguments.is_null()).then_some(arguments);
+        self.call(command, arguments, timeout, || command.to_string())
+    }
+
+    /// Send `command` and wait for its reply, parsed as `T`. `label` names the command in
+    /// errors.
+    fn call<T: DeserializeOwned, A: Serialize>(
+        &self,
+        command: &str,
+        arguments: Option<A>,
+        timeout: Duration,
+        label: impl Fn() -> String,
+    ) -> Result<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({ "execute": command, "id": id });
-        if !arguments.is_null() {
-            msg["arguments"] = arguments;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
+        let mut line = serde_json::to_vec(&Request {
+            execute: command,
+            arguments,
+            id,
+        })
+        .map_err(|e| Error::protocol("encoding a QMP command", e.to_string()))?;
+        line.push(b'\n');
 
         {
             let mut st = self.shared.lock();
@@ -471,7 +546,7 @@ impl QmpClient {
         }
         let write_result = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.write_all(line.as_bytes())
+            w.write_all(&line)
         };
         if let Err(e) = write_result {
             self.shared.lock().waiting.remove(&id);
@@ -483,17 +558,6 @@ impl QmpClient {
             });
         }
 
-        let label = || {
-            if command == "human-monitor-command" {
-                msg.get("arguments")
-                    .and_then(|a| a.get("command-line"))
-                    .and_then(Value::as_str)
-                    .unwrap_or(command)
-                    .to_string()
-            } else {
-                command.to_string()
-            }
-        };
         let deadline = Instant::now()
             .checked_add(timeout)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
@@ -513,27 +577,7 @@ impl QmpClient {
             st.replies.remove(&id);
         }
         match reply {
-            Some(Ok(mut reply)) => {
-                if let Some(ret) = reply.get_mut("return") {
-                    Ok(ret.take())
-                } else if let Some(err) = reply.get("error") {
-                    Err(Error::CommandFailed {
-                        command: label(),
-                        class: err
-                            .get("class")
-                            .and_then(Value::as_str)
-                            .unwrap_or("UnknownClass")
-                            .to_string(),
-                        desc: err
-                            .get("desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("(no description)")
-                            .to_string(),
-                    })
-                } else {
-                    Err(Error::protocol("QMP reply", reply.to_string()))
-                }
-            }
+            Some(Ok(raw)) => interpret(&raw, label),
             Some(Err(e)) => Err(e),
             None => Err(Error::Timeout {
                 command: label(),
@@ -544,17 +588,18 @@ impl QmpClient {
 
     /// Run an HMP command through `human-monitor-command` and return its text output.
     pub fn hmp(&self, command_line: &str) -> Result<String> {
-        let out = self.execute(
-            "human-monitor-command",
-            json!({ "command-line": command_line }),
-        )?;
-        match out {
-            Value::String(text) => Ok(text),
-            other => Err(Error::protocol(
-                "human-monitor-command reply",
-                other.to_string(),
-            )),
+        #[derive(Serialize)]
+        struct Arguments<'a> {
+            #[serde(rename = "command-line")]
+            command_line: &'a str,
         }
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        self.call(
+            "human-monitor-command",
+            Some(Arguments { command_line }),
+            timeout,
+            || command_line.to_string(),
+        )
     }
 
     /// Take the oldest event, if any has arrived.
@@ -709,9 +754,32 @@ fn peer_pid(stream: &UnixStream) -> Option<u32> {
     u32::try_from(cred.pid).ok()
 }
 
+/// A reply line as the caller's type, or QEMU's error for `label`'s command.
+fn interpret<T: DeserializeOwned>(raw: &[u8], label: impl Fn() -> String) -> Result<T> {
+    let reply: Reply<T> = serde_json::from_slice(raw).map_err(|e| {
+        Error::protocol(
+            "QMP reply",
+            format!("{e}: {}", String::from_utf8_lossy(raw).trim_end()),
+        )
+    })?;
+    match (reply.returned, reply.error) {
+        (Some(value), _) => Ok(value),
+        (None, Some(err)) => Err(Error::CommandFailed {
+            command: label(),
+            class: err.class.unwrap_or_else(|| "UnknownClass".to_string()),
+            desc: err.desc.unwrap_or_else(|| "(no description)".to_string()),
+        }),
+        (None, None) => Err(Error::protocol(
+            "QMP reply",
+            String::from_utf8_lossy(raw).trim_end(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
 
@@ -842,6 +910,45 @@ mod tests {
         assert_eq!(
             qmp.execute("garbled", Value::Null).unwrap(),
             json!("after garbage")
+        );
+    }
+
+    #[test]
+    fn hmp_text_errors_and_odd_replies() {
+        let (_dir, path, _server) = fake_qemu(|req| {
+            match req["arguments"]["command-line"].as_str() {
+                Some("info registers -a") => {
+                    vec![
+                        event("RESUME"),
+                        reply(req, json!("RAX=1 \"quoted\"\r\nRBX=2\r\n")),
+                    ]
+                }
+                Some("not text") => vec![reply(req, json!({ "no": "string" }))],
+                Some("neither") => vec![json!({ "id": req["id"] })],
+                None => vec![reply(req, json!({}))],
+                _ => vec![
+                    json!({ "error": { "class": "CommandNotFound", "desc": "nope" }, "id": req["id"] }),
+                ],
+            }
+        });
+        let qmp = QmpClient::connect(&path).unwrap();
+        assert_eq!(
+            qmp.hmp("info registers -a").unwrap(),
+            "RAX=1 \"quoted\"\r\nRBX=2\r\n"
+        );
+        // The event that came first was routed to the queue, not lost with the reply.
+        assert_eq!(
+            qmp.wait_event(Duration::from_secs(5)).map(|e| e.name),
+            Some("RESUME".to_string())
+        );
+        let err = qmp.hmp("not text").unwrap_err();
+        assert!(matches!(err, Error::Protocol { .. }), "{err}");
+        let err = qmp.hmp("neither").unwrap_err();
+        assert!(matches!(err, Error::Protocol { .. }), "{err}");
+        let err = qmp.hmp("info nothing").unwrap_err();
+        assert!(
+            err.to_string().contains("info nothing") && err.to_string().contains("nope"),
+            "{err}"
         );
     }
 

@@ -11,8 +11,19 @@ use kvmaccess_core::{DescriptorTable, Registers, Segment};
 pub fn parse_hmp_registers(text: &str) -> Result<Vec<Registers>> {
     let mut out: Vec<Registers> = Vec::new();
     let mut current: Option<(Registers, u32)> = None;
-    for raw in text.lines() {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (raw, after) = rest.split_once('\n').unwrap_or((rest, ""));
+        rest = after;
         let line = raw.trim_end_matches('\r');
+        // From `FCW=` on, a vCPU's block is FPU and vector state (most of the text): go
+        // straight to the next vCPU's header.
+        if current.is_some() && line.starts_with("FCW=") {
+            rest = memchr::memmem::find(rest.as_bytes(), b"CPU#")
+                .and_then(|at| rest.get(at..))
+                .unwrap_or("");
+            continue;
+        }
         if let Some(idx) = line.trim().strip_prefix("CPU#") {
             if let Some((regs, seen)) = current.take() {
                 out.push(finish(regs, seen)?);

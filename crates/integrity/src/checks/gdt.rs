@@ -280,7 +280,6 @@ impl Check for GdtCheck {
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
         let states = self.parsed.get("gdt", &baseline)?;
-        let mut space = ctx.kernel.space();
         let mut out = Vec::new();
         for regs in &ctx.vcpus {
             let long_mode = super::long_mode(regs);
@@ -288,7 +287,9 @@ impl Check for GdtCheck {
                 .map_or(0, |l| l.saturating_add(1))
                 .min(kvmaccess_x86::GDT_MAX_ENTRIES * 8);
             let mut bytes = vec![0u8; len];
-            space.read(kvmaccess_core::Gva(regs.gdtr.base), &mut bytes)?;
+            // Through the kernel's shared translations, which the monitor renews each pass.
+            ctx.kernel
+                .read(kvmaccess_core::Gva(regs.gdtr.base), &mut bytes)?;
             let seen = super::SeenTable::new(&baseline, regs.vcpu, regs.gdtr, bytes);
             if self.clean.unchanged(&seen) {
                 continue;

@@ -286,7 +286,6 @@ impl Check for IdtCheck {
 
     fn verify(&self, ctx: &Context<'_, '_>, baseline: CheckBaseline<'_>) -> Result<Vec<Finding>> {
         let states = self.parsed.get("idt", &baseline)?;
-        let mut space = ctx.kernel.space();
         let mut out = Vec::new();
         for regs in &ctx.vcpus {
             let long_mode = super::long_mode(regs);
@@ -295,7 +294,9 @@ impl Check for IdtCheck {
                 .map_or(0, |l| l.saturating_add(1))
                 .min(kvmaccess_x86::IDT_MAX_GATES * gate_size);
             let mut bytes = vec![0u8; len];
-            space.read(kvmaccess_core::Gva(regs.idtr.base), &mut bytes)?;
+            // Through the kernel's shared translations, which the monitor renews each pass.
+            ctx.kernel
+                .read(kvmaccess_core::Gva(regs.idtr.base), &mut bytes)?;
             let seen = super::SeenTable::new(&baseline, regs.vcpu, regs.idtr, bytes);
             if self.clean.unchanged(&seen) {
                 continue;

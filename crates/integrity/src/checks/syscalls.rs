@@ -54,6 +54,19 @@ const WRAPPER_PREFIXES: &[&str] = &[
 pub struct SyscallCheck {
     cache: Mutex<RegionCache>,
     parsed: super::Parsed<SyscallState>,
+    clean: Mutex<Option<CleanTables>>,
+}
+
+/// The tables as the last pass that found every entry in place read them, and what that
+/// verdict rested on besides their bytes. The same entries under the same baseline, KASLR slide
+/// and module ranges give the same verdict, so a watch compares a few KiB instead of resolving
+/// every baseline entry through the symbol table each second.
+#[derive(Debug, PartialEq, Eq)]
+struct CleanTables {
+    baseline: String,
+    kaslr_offset: u64,
+    modules: Vec<crate::location::ModuleSpan>,
+    entries: Vec<Vec<u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,10 +201,27 @@ impl Check for SyscallCheck {
         let state = self.parsed.get("syscalls", &baseline)?;
         let dispatch_by_switch = ctx.kernel.symbol("x64_sys_call").is_ok();
         let mut out = Vec::new();
+        let mut seen = CleanTables {
+            baseline: format!(
+                "{}@{}",
+                baseline.baseline.build_id.as_deref().unwrap_or(""),
+                baseline.baseline.created
+            ),
+            kaslr_offset: ctx.kernel.layout().kaslr_offset,
+            modules: ctx.map.modules.clone(),
+            entries: Vec::with_capacity(state.tables.len()),
+        };
         for table in &state.tables {
             let address = ctx.kernel.symbol(&table.symbol)?;
             let count = u64::try_from(table.entries.len()).unwrap_or(0);
-            let now = read_entries(ctx, address, count)?;
+            seen.entries.push(read_entries(ctx, address, count)?);
+        }
+        let mut clean = self.clean.lock().unwrap_or_else(|p| p.into_inner());
+        let tables_unchanged = clean.as_ref() == Some(&seen);
+        for (table, now) in state.tables.iter().zip(&seen.entries) {
+            if tables_unchanged {
+                break;
+            }
             for (number, (&value, was)) in now.iter().zip(&table.entries).enumerate() {
                 if ctx.map.decode(was) == Some(value) {
                     continue;
@@ -243,6 +273,8 @@ impl Check for SyscallCheck {
                 out.push(f);
             }
         }
+        *clean = out.is_empty().then_some(seen);
+        drop(clean);
         let delta = ctx
             .kernel
             .layout()
