@@ -35,6 +35,10 @@ pub struct MonitorArgs {
     /// started by `kvmaccess boot`, whose console runs the workload; 0 skips it).
     #[arg(long, default_value_t = 3)]
     workload_rounds: usize,
+    /// Seconds a real `kvmaccess watch --interval 1s` runs per configuration while its CPU is
+    /// measured from outside (needs a guest started by `kvmaccess boot`; 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    watch_seconds: u64,
 }
 
 #[derive(Serialize)]
@@ -64,7 +68,18 @@ struct MonitorReport {
     context_setup_cpu_us: f64,
     configs: Vec<Config>,
     qemu_extra_cpu_us_per_pass: Option<f64>,
+    /// Real watch processes at a 1 s interval, measured from outside.
+    watch_processes: Vec<WatchProcess>,
     guest_workload: Option<Workload>,
+}
+
+#[derive(Serialize)]
+struct WatchProcess {
+    name: &'static str,
+    checks: String,
+    seconds: f64,
+    cpu_us: f64,
+    share_percent: f64,
 }
 
 #[derive(Serialize)]
@@ -235,6 +250,26 @@ pub fn bench_monitor(args: &TargetArgs, cmd: &MonitorArgs, json: bool) -> Result
         None => None,
     };
 
+    let mut watch_processes = Vec::new();
+    if cmd.watch_seconds > 0 {
+        let window = Duration::from_secs(cmd.watch_seconds);
+        for (name, ids) in [
+            ("paper's objects", paper.join(",")),
+            (
+                "all checks, text 2 MiB per pass",
+                CheckSet::default().ids().join(","),
+            ),
+        ] {
+            match watch_process(args, &kernel, &target, name, &ids, window) {
+                Ok(w) => watch_processes.push(w),
+                Err(e) => {
+                    eprintln!("kvmaccess: note: watch process not measured: {e:#}");
+                    break;
+                }
+            }
+        }
+    }
+
     let guest_workload = if cmd.workload_rounds > 0 {
         match workload(
             args,
@@ -258,6 +293,7 @@ pub fn bench_monitor(args: &TargetArgs, cmd: &MonitorArgs, json: bool) -> Result
         context_setup_cpu_us: median(&mut setup),
         configs,
         qemu_extra_cpu_us_per_pass: qemu_extra,
+        watch_processes,
         guest_workload,
     };
     if json {
@@ -296,6 +332,15 @@ pub fn bench_monitor(args: &TargetArgs, cmd: &MonitorArgs, json: bool) -> Result
         Some(us) => outln!("QEMU's extra CPU per pass (QMP register fetch): {us:.0} us"),
         None => outln!("QEMU's extra CPU: not measured"),
     }
+    for w in &report.watch_processes {
+        outln!(
+            "a real `watch --interval 1s` ({}), measured from outside over {:.0} s: {:.0} us CPU -> {:.4}% of a core",
+            w.name,
+            w.seconds,
+            w.cpu_us,
+            w.share_percent
+        );
+    }
     if let Some(w) = &report.guest_workload {
         outln!(
             "guest workload ({}): unwatched {:?} s, watched at 1 s {:?} s, slowdown x{:.3}",
@@ -306,6 +351,92 @@ pub fn bench_monitor(args: &TargetArgs, cmd: &MonitorArgs, json: bool) -> Result
         );
     }
     Ok(())
+}
+
+/// The CPU a real `kvmaccess watch --interval 1s` process spends over `window` once it is
+/// checking: passes with caches gone cold in between, event handling, module-list refreshes and
+/// sleeps included, unlike the back-to-back passes above. It runs on the booted guest's second
+/// QMP socket, beside this process's connection.
+fn watch_process(
+    args: &TargetArgs,
+    kernel: &Kernel<'_>,
+    target: &Target,
+    name: &'static str,
+    checks: &str,
+    window: Duration,
+) -> Result<WatchProcess> {
+    use std::io::BufRead as _;
+
+    booted_guest(args).context("a watch process needs a guest started by `boot`")?;
+    let dir = tempfile::tempdir().context("a directory for the baseline")?;
+    let baseline_path = dir.path().join("baseline.json");
+    let set = CheckSet::from_ids(&checks.split(',').collect::<Vec<_>>())?;
+    let ctx = Context::from_backend(kernel, target.vcpus())?;
+    capture_baseline(&ctx, &set)?.save(&baseline_path)?;
+    drop(ctx);
+    let exe = std::env::current_exe().context("finding the kvmaccess executable")?;
+    let mut command = std::process::Command::new(exe);
+    if let Some(guest) = &args.guest {
+        command.arg("--guest").arg(guest);
+    }
+    if let Some(root) = &args.run_root {
+        command.arg("--run-root").arg(root);
+    }
+    let mut child = command
+        .arg("watch")
+        .arg("--baseline")
+        .arg(&baseline_path)
+        .args(["--interval", "1s", "--no-info", "--checks", checks])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting kvmaccess watch")?;
+    let measured = (|| -> Result<WatchProcess> {
+        let stdout = child.stdout.take().context("the watch's output")?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        loop {
+            let line = lines
+                .next()
+                .context("the watch ended before it found the kernel")??;
+            if line.contains("\"event\":\"finding\"") {
+                bail!("the watch raised a finding on a clean guest: {line}");
+            }
+            if line.contains("\"event\":\"kernel-found\"") {
+                break;
+            }
+        }
+        // Startup (profile discovery, types) is over; let the first passes go by.
+        std::thread::sleep(Duration::from_secs(2));
+        let pid = child.id();
+        let before = on_cpu(pid)?;
+        let started = Instant::now();
+        std::thread::sleep(window);
+        let cpu = on_cpu(pid)? - before;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu_us = cpu.as_secs_f64() * 1e6;
+        Ok(WatchProcess {
+            name,
+            checks: checks.to_string(),
+            seconds,
+            cpu_us,
+            share_percent: cpu_us / (seconds * 1e6) * 100.0,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    measured
+}
+
+/// Time process `pid` has spent on a CPU, all threads (schedstat: nanoseconds).
+fn on_cpu(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/schedstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let ns = text
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .with_context(|| format!("{path} is not a schedstat line: {text:?}"))?;
+    Ok(Duration::from_nanos(ns))
 }
 
 /// Runs a CPU/memory workload on the booted guest's console, alternating rounds without and with
