@@ -963,9 +963,26 @@ impl<'t> Watched<'t> {
     }
 }
 
-/// How many of the kernel log's last lines a `guest-panicked` line carries: enough for the
-/// panic message and the stack dump printed before the panic notifiers run.
+/// How many of the kernel log's last lines a `guest-panicked` line carries at least.
 const PANIC_LOG_LINES: usize = 40;
+/// Lines kept before the panic message: what led to it (an oops, a BUG, a hung task).
+const PANIC_LOG_CONTEXT: usize = 20;
+/// Most lines a `guest-panicked` line carries.
+const PANIC_LOG_MAX: usize = 200;
+
+/// Where the kernel log shown with a panic starts: the last lines, reaching back to the panic
+/// message and some lines before it (the stack dump after the message is as long as the call
+/// chain was, so a fixed count of last lines can miss the message), within a bound.
+fn panic_log_start(lines: &[String]) -> usize {
+    let last_lines = lines.len().saturating_sub(PANIC_LOG_LINES);
+    let start = lines
+        .iter()
+        .rposition(|l| l.contains("Kernel panic - "))
+        .map_or(last_lines, |at| {
+            last_lines.min(at.saturating_sub(PANIC_LOG_CONTEXT))
+        });
+    start.max(lines.len().saturating_sub(PANIC_LOG_MAX))
+}
 
 /// What the panicked kernel logged: its panic message and last lines, or why they are missing.
 struct PanicLog {
@@ -997,9 +1014,10 @@ fn panic_log(
                 .iter()
                 .rev()
                 .flat_map(|r| r.dmesg_lines().collect::<Vec<_>>().into_iter().rev())
-                .take(PANIC_LOG_LINES)
+                .take(PANIC_LOG_MAX)
                 .collect();
             lines.reverse();
+            lines.drain(..panic_log_start(&lines));
             PanicLog {
                 message,
                 lines,
@@ -1278,4 +1296,37 @@ pub fn write_kernel_bytes(
         hex(bytes)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{panic_log_start, PANIC_LOG_CONTEXT, PANIC_LOG_LINES, PANIC_LOG_MAX};
+
+    fn log(len: usize, panic_at: Option<usize>) -> Vec<String> {
+        (0..len)
+            .map(|i| {
+                if Some(i) == panic_at {
+                    "Kernel panic - not syncing: sysrq triggered crash".to_string()
+                } else {
+                    format!("line {i}")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_panic_message_stays_in_the_window_whatever_follows_it() {
+        // A long stack dump after the message: the window reaches back to it, with context.
+        let lines = log(150, Some(80));
+        assert_eq!(panic_log_start(&lines), 80 - PANIC_LOG_CONTEXT);
+        // A short one: the last lines already hold the message and its context.
+        let lines = log(150, Some(140));
+        assert_eq!(panic_log_start(&lines), 150 - PANIC_LOG_LINES);
+        // No message (another kind of crash): the last lines.
+        assert_eq!(panic_log_start(&log(150, None)), 150 - PANIC_LOG_LINES);
+        assert_eq!(panic_log_start(&log(10, None)), 0);
+        // Never more than the bound.
+        let lines = log(1000, Some(5));
+        assert_eq!(panic_log_start(&lines), 1000 - PANIC_LOG_MAX);
+    }
 }

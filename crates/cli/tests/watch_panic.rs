@@ -167,11 +167,12 @@ fn watch_reports_a_panic_dumps_the_panicked_kernel_and_follows_the_reset() {
     );
 
     // A reset leaves a panicked guest stopped (QEMU's `prelaunch`) until it is continued.
+    let before_reset = watch.lines().len();
     guest.qmp("system_reset");
     guest.qmp("cont");
     // The new boot differs from the baseline's in its KASLR slide and in the data it set up
     // while booting: both are reported as such, not as alarms.
-    watch.follow_reboot();
+    watch.follow_reboot(before_reset);
     let bad = watch.problems();
     assert!(bad.is_empty(), "{bad:?}\n{}", watch.transcript());
     assert_eq!(

@@ -349,8 +349,11 @@ impl Watch {
     /// full pass over it, which (with `--text-budget 0` and informational findings shown)
     /// reports the data the new boot set up as `boot-data`, since it differs from the baseline
     /// boot's. Returns the `kernel-found` line.
-    pub fn follow_reboot(&mut self) -> serde_json::Value {
-        let (reset, _) = self.wait_for("the reboot", Duration::from_secs(60), |l| {
+    ///
+    /// `first` is the number of lines logged before the reboot was asked for: an earlier reset
+    /// (QEMU may report one the watch connected just after) must not stand in for this one.
+    pub fn follow_reboot(&mut self, first: usize) -> serde_json::Value {
+        let (reset, _) = self.wait_for_from(first, "the reboot", Duration::from_secs(60), |l| {
             l["event"] == "guest-rebooted"
         });
         self.follow_new_kernel(reset)
