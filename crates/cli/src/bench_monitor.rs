@@ -427,7 +427,8 @@ fn watch_process(
     measured
 }
 
-/// Time process `pid` has spent on a CPU, all threads (schedstat: nanoseconds).
+/// Time the main thread of process `pid` has spent on a CPU (schedstat: nanoseconds). A watch
+/// runs on that one thread; QEMU, with a thread per vCPU, is measured by [`proc_cpu_ticks`].
 fn on_cpu(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/schedstat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

@@ -504,8 +504,12 @@ impl QmpClient {
 
     /// Run a QMP command and return its `return` value. `arguments` is omitted when `Null`.
     pub fn execute(&self, command: &str, arguments: Value) -> Result<Value> {
-        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
-        self.execute_with_timeout(command, arguments, timeout)
+        self.execute_with_timeout(command, arguments, self.timeout())
+    }
+
+    /// How long a command waits for its reply unless told otherwise.
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     /// [`QmpClient::execute`] with an explicit reply timeout (e.g. for a long memory dump).
@@ -593,11 +597,10 @@ impl QmpClient {
             #[serde(rename = "command-line")]
             command_line: &'a str,
         }
-        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         self.call(
             "human-monitor-command",
             Some(Arguments { command_line }),
-            timeout,
+            self.timeout(),
             || command_line.to_string(),
         )
     }

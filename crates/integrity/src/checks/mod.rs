@@ -141,16 +141,22 @@ impl SeenTable {
         bytes: Vec<u8>,
     ) -> Self {
         Self {
-            baseline: format!(
-                "{}@{}",
-                baseline.baseline.build_id.as_deref().unwrap_or(""),
-                baseline.baseline.created
-            ),
+            baseline: baseline_identity(baseline),
             vcpu,
             table,
             bytes,
         }
     }
+}
+
+/// Which baseline a remembered clean verdict was reached against: its kernel build and when it
+/// was taken.
+pub(crate) fn baseline_identity(baseline: &crate::engine::CheckBaseline<'_>) -> String {
+    format!(
+        "{}@{}",
+        baseline.baseline.build_id.as_deref().unwrap_or(""),
+        baseline.baseline.created
+    )
 }
 
 /// Per vCPU, the descriptor table of the last pass that found it clean. The same bytes under the

@@ -202,11 +202,7 @@ impl Check for SyscallCheck {
         let dispatch_by_switch = ctx.kernel.symbol("x64_sys_call").is_ok();
         let mut out = Vec::new();
         let mut seen = CleanTables {
-            baseline: format!(
-                "{}@{}",
-                baseline.baseline.build_id.as_deref().unwrap_or(""),
-                baseline.baseline.created
-            ),
+            baseline: super::baseline_identity(&baseline),
             kaslr_offset: ctx.kernel.layout().kaslr_offset,
             modules: ctx.map.modules.clone(),
             entries: Vec::with_capacity(state.tables.len()),
