@@ -1190,7 +1190,9 @@ fn react(
                         sink.emit(&event("restored", Some(write.description.clone())))?;
                     }
                     Restore::Impossible { reason } => {
-                        sink.emit(&event("restore-impossible", Some(reason)))?;
+                        // Named, because one finding per vCPU can each get this answer.
+                        let detail = format!("{} {}: {reason}", finding.object, finding.entry);
+                        sink.emit(&event("restore-impossible", Some(detail)))?;
                     }
                 }
             }
