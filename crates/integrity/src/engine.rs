@@ -219,6 +219,10 @@ fn build(id: &str) -> Option<Box<dyn Check>> {
 #[derive(Debug)]
 pub struct CheckSet {
     checks: Vec<Box<dyn Check>>,
+    /// Whether each check's CPU time is measured. Off for a long-running monitor: the thread
+    /// clock is a system call, two per check, and in a VM a system call is dear next to
+    /// comparing a few kilobytes.
+    per_check_cpu: bool,
 }
 
 impl Default for CheckSet {
@@ -230,6 +234,7 @@ impl Default for CheckSet {
                 .filter(|c| c.default)
                 .filter_map(|c| build(c.id))
                 .collect(),
+            per_check_cpu: true,
         }
     }
 }
@@ -246,6 +251,7 @@ impl CheckSet {
                 .filter(|c| ids.iter().any(|i| i.as_ref() == c.id))
                 .filter_map(|c| build(c.id))
                 .collect(),
+            per_check_cpu: true,
         })
     }
 
@@ -268,6 +274,13 @@ impl CheckSet {
                 *check = Box::new(TextCheck::with_budget(bytes));
             }
         }
+        self
+    }
+
+    /// Stop measuring each check's CPU time ([`CheckRun::cpu`] is then `None`); the pass's
+    /// total is still measured.
+    pub fn without_per_check_cpu(mut self) -> Self {
+        self.per_check_cpu = false;
         self
     }
 
@@ -317,8 +330,9 @@ pub struct CheckRun {
     pub id: &'static str,
     /// Wall time.
     pub wall: Duration,
-    /// CPU time of this thread.
-    pub cpu: Duration,
+    /// CPU time of this thread; `None` when the set does not measure it per check
+    /// ([`CheckSet::without_per_check_cpu`]) or the thread clock cannot be read.
+    pub cpu: Option<Duration>,
     /// Findings it produced.
     pub findings: usize,
     /// Why it could not finish, if it could not.
@@ -374,12 +388,12 @@ pub fn run_checks(ctx: &Context<'_, '_>, baseline: &Baseline, checks: &CheckSet)
     let mut runs = Vec::new();
     for check in checks.checks() {
         let wall = Instant::now();
-        let cpu = thread_cpu();
+        let cpu = checks.per_check_cpu.then(thread_cpu).flatten();
         let result = match baseline.checks.get(check.id()) {
             Some(state) => check.verify(ctx, CheckBaseline { state, baseline }),
             None => Err(Error::NotInBaseline(check.id().to_string())),
         };
-        let cpu = cpu.map(|c| c.elapsed()).unwrap_or_default();
+        let cpu = cpu.map(|c| c.elapsed());
         let wall = wall.elapsed();
         let (count, error) = match result {
             Ok(mut found) => {

@@ -455,6 +455,20 @@ fn pass<'k, 'm>(kernel: &'k Kernel<'m>, g: &Guest) -> Context<'k, 'm> {
 }
 
 #[test]
+fn per_check_cpu_is_measured_unless_switched_off() {
+    let g = Guest::new(0x1200_0000);
+    let kernel = g.kernel("abcd");
+    let baseline = capture_baseline(&pass(&kernel, &g), &classic()).unwrap();
+    let timed = run_checks(&pass(&kernel, &g), &baseline, &classic()).unwrap();
+    assert!(timed.checks.iter().all(|c| c.cpu.is_some()), "{timed:?}");
+    let untimed = classic().without_per_check_cpu();
+    let report = run_checks(&pass(&kernel, &g), &baseline, &untimed).unwrap();
+    assert_eq!(report.checks.len(), timed.checks.len());
+    assert!(report.checks.iter().all(|c| c.cpu.is_none()), "{report:?}");
+    assert!(report.findings.is_empty(), "{:#?}", report.findings);
+}
+
+#[test]
 fn a_clean_guest_has_no_findings_and_hooks_are_reported_and_restored() {
     let g = Guest::new(0x1200_0000);
     let kernel = g.kernel("abcd");

@@ -85,10 +85,10 @@ fn measure(
         for c in &r.checks {
             match per_check.iter_mut().find(|(id, _, _)| *id == c.id) {
                 Some(e) => {
-                    e.1 += c.cpu;
+                    e.1 += c.cpu.unwrap_or_default();
                     e.2 += c.wall;
                 }
-                None => per_check.push((c.id, c.cpu, c.wall)),
+                None => per_check.push((c.id, c.cpu.unwrap_or_default(), c.wall)),
             }
         }
     }

@@ -147,16 +147,16 @@ impl Shared {
     }
 
     /// Routes one line from QEMU: an event to the queue, a reply to its waiting caller.
-    fn route(&self, st: &mut State, line: &[u8]) {
+    fn route(&self, st: &mut State, line: Vec<u8>) {
         // Only the envelope is decoded here: a reply (the register dump is kilobytes of text)
         // is parsed once, by its caller, into what that caller wants.
-        let Ok(envelope) = serde_json::from_slice::<Envelope>(line) else {
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(&line) else {
             // QEMU only sends JSON objects; a garbled line cannot be routed, and dropping it
             // keeps the connection usable for everything else.
             return;
         };
         if envelope.event.is_some() {
-            let event = serde_json::from_slice::<Value>(line)
+            let event = serde_json::from_slice::<Value>(&line)
                 .ok()
                 .and_then(|msg| QmpEvent::from_message(&msg));
             if let Some(event) = event {
@@ -167,7 +167,7 @@ impl Shared {
         if let Some(id) = envelope.id.as_ref().and_then(Value::as_u64) {
             // A reply nobody waits for any more (its caller timed out) is dropped.
             if st.waiting.contains(&id) {
-                st.replies.insert(id, line.to_vec());
+                st.replies.insert(id, line);
             }
         }
     }
@@ -222,7 +222,7 @@ impl Shared {
             match got {
                 Ok(Some(line)) => {
                     st.reader = Some(reader);
-                    self.route(&mut st, &line);
+                    self.route(&mut st, line);
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     st.reader = Some(reader);
@@ -257,7 +257,7 @@ impl Shared {
             }
         };
         st = self.lock();
-        for line in &lines {
+        for line in lines {
             self.route(&mut st, line);
         }
         if end || reader.eof {
