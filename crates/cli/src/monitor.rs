@@ -744,7 +744,20 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         if intervals.finished(cmd.passes) {
             continue;
         }
-        std::thread::sleep(cmd.interval.saturating_sub(pass_started.elapsed()));
+        // The rest of the interval is spent waiting on QMP rather than asleep: a panic, a reset
+        // or QEMU's exit is reported when it happens, not at the next pass (which, at a long
+        // interval, could be a minute later).
+        let deadline = pass_started.checked_add(cmd.interval);
+        loop {
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero()
+                || guest.handle_events(&target, &args.profile, cmd, &mut sink, left)?
+            {
+                break;
+            }
+        }
     }
 }
 
