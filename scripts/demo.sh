@@ -74,7 +74,8 @@ import json, sys
 for line in open(sys.argv[1]):
     e = json.loads(line)
     if e.get("event") == "finding":
-        print(f"[{e['severity']}] {e['check']}: {e['object']} {e['entry']} -> {e['actual']} (owner: {e.get('owner')})")
+        owner = f" (owner: {e['owner']})" if e.get("owner") else ""
+        print(f"[{e['severity']}] {e['check']}: {e['object']} {e['entry']} -> {e['actual']}{owner}")
         print(f"    {e['explanation']}")
 PY
 

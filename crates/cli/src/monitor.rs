@@ -149,31 +149,44 @@ fn module_spans(
     types
         .and_then(|t| ModuleOffsets::from_types(t).ok())
         .and_then(|off| kernel.modules(&off).ok().map(|m| (off, m)))
-        .map(|(off, modules)| spans_with_hidden(kernel, &off, &modules))
+        .map(|(off, listed)| spans(&listed, &hidden_modules(kernel, &off, &listed)))
         .unwrap_or_default()
 }
 
-/// Address ranges of the listed modules, plus those of modules that unlinked themselves from
-/// the list but are still registered in sysfs, named as such: a hook into a hidden module's
-/// code is then attributed to it instead of to "unowned memory".
-fn spans_with_hidden(
+/// Modules that unlinked themselves from the module list but are still registered in sysfs.
+/// Best effort: an unreadable kset or module is left out.
+fn hidden_modules(
     kernel: &Kernel<'_>,
     off: &ModuleOffsets,
     listed: &[kvmaccess_linux::Module],
+) -> Vec<kvmaccess_linux::Module> {
+    let Ok(kobjects) = kernel.modules_from_kset(off) else {
+        return Vec::new();
+    };
+    kobjects
+        .iter()
+        .filter_map(|k| k.module)
+        .filter(|address| !listed.iter().any(|m| m.address == *address))
+        .filter_map(|address| kernel.module_at(off, address).ok())
+        .collect()
+}
+
+/// Address ranges of the listed modules and of the hidden ones, marked hidden: a hook into a
+/// hidden module's code is then attributed to it instead of to "unowned memory".
+fn spans(
+    listed: &[kvmaccess_linux::Module],
+    hidden: &[kvmaccess_linux::Module],
 ) -> Vec<ModuleSpan> {
-    let mut all = listed.to_vec();
-    if let Ok(kobjects) = kernel.modules_from_kset(off) {
-        for address in kobjects.iter().filter_map(|k| k.module) {
-            if listed.iter().any(|m| m.address == address) {
-                continue;
-            }
-            if let Ok(mut hidden) = kernel.module_at(off, address) {
-                hidden.name = format!("{} (hidden from the module list)", hidden.name);
-                all.push(hidden);
-            }
-        }
-    }
-    ModuleSpan::from_modules(&all)
+    let mut spans = ModuleSpan::from_modules(listed);
+    spans.extend(
+        ModuleSpan::from_modules(hidden)
+            .into_iter()
+            .map(|span| ModuleSpan {
+                hidden: true,
+                ..span
+            }),
+    );
+    spans
 }
 
 fn context<'k, 'm>(
@@ -229,10 +242,13 @@ impl ModuleTracker {
         let Some(off) = self.offsets.clone() else {
             return;
         };
-        let Ok(modules) = kernel.modules(&off) else {
+        let Ok(listed) = kernel.modules(&off) else {
             return;
         };
-        self.spans = spans_with_hidden(kernel, &off, &modules);
+        let hidden = hidden_modules(kernel, &off, &listed);
+        self.spans = spans(&listed, &hidden);
+        // A hidden module's symbols are merged too: a hook into it is named by its function.
+        let modules = [listed, hidden].concat();
         let loaded: Vec<(String, u64, i64)> = modules
             .iter()
             .map(|m| (m.name.clone(), m.address, m.state))

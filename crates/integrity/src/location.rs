@@ -111,7 +111,7 @@ impl fmt::Display for Location {
                 module,
                 module_offset,
                 symbol: None,
-            } => write!(f, "{module}+{module_offset:#x} [{module}]"),
+            } => write!(f, "{module}+{module_offset:#x}"),
             Location::Absolute { address } => write!(f, "{address:#x}"),
         }
     }
@@ -137,6 +137,9 @@ pub struct ModuleSpan {
     /// region's start.
     #[serde(with = "kvmaccess_core::hex")]
     pub base: u64,
+    /// The module unlinked itself from the module list; only another view (sysfs) shows it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
 }
 
 impl ModuleSpan {
@@ -152,6 +155,7 @@ impl ModuleSpan {
                     end: r.base.saturating_add(r.size),
                     text: r.kind.is_text(),
                     base: m.base,
+                    hidden: false,
                 })
             })
             .collect()
@@ -180,6 +184,9 @@ pub enum Owner {
         text: bool,
         /// `symbol+offset`, when the module's symbols are known.
         symbol: Option<String>,
+        /// The module unlinked itself from the module list.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        hidden: bool,
     },
     /// The fixed per-CPU entry area (GDT, IDT and TSS aliases, entry stacks).
     CpuEntryArea,
@@ -208,9 +215,19 @@ impl fmt::Display for Owner {
         match self {
             Owner::KernelText { symbol } => write!(f, "kernel text{}", sym(symbol)),
             Owner::KernelImage { symbol } => write!(f, "kernel image data{}", sym(symbol)),
-            Owner::Module { name, text, symbol } => write!(
+            Owner::Module {
+                name,
+                text,
+                symbol,
+                hidden,
+            } => write!(
                 f,
-                "module {name} {}{}",
+                "module {name}{} {}{}",
+                if *hidden {
+                    " (hidden from the module list)"
+                } else {
+                    ""
+                },
                 if *text { "text" } else { "data" },
                 sym(symbol)
             ),
@@ -362,6 +379,7 @@ impl<'s> AddressMap<'s> {
                 name: module.name.clone(),
                 text: module.text,
                 symbol,
+                hidden: module.hidden,
             };
         }
         if (CEA_START..CEA_END).contains(&address) {

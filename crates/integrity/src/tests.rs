@@ -195,6 +195,7 @@ fn modules() -> Vec<ModuleSpan> {
         end: MODULE_BASE + 0x10000,
         text: true,
         base: MODULE_BASE,
+        hidden: false,
     }]
 }
 
@@ -243,6 +244,17 @@ fn kaslr_relative_locations_survive_a_new_slide() {
     assert_eq!(ma.owner(0xdead_0000_0000), Owner::Unowned);
     assert!(ma.owner(a.text() + FUNC_A).is_kernel_text());
     assert!(matches!(ma.owner(MODULE_BASE + 1), Owner::Module { ref name, .. } if name == "evil"));
+    assert_eq!(m.to_string(), "evil+0x40");
+    assert_eq!(ma.owner(MODULE_BASE + 1).to_string(), "module evil text");
+    // A module that unlinked itself keeps its own name; its owner says that it hid.
+    let mut hidden = modules();
+    hidden[0].hidden = true;
+    ma.set_modules(hidden);
+    assert_eq!(ma.encode(MODULE_BASE + 0x40).to_string(), "evil+0x40");
+    assert_eq!(
+        ma.owner(MODULE_BASE + 1).to_string(),
+        "module evil (hidden from the module list) text"
+    );
     // JSON keeps addresses exact.
     let json = serde_json::to_string(&loc).unwrap();
     let back: Location = serde_json::from_str(&json).unwrap();

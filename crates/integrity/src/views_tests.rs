@@ -153,6 +153,11 @@ impl World {
 }
 
 fn ctx<'k, 'm>(kernel: &'k Kernel<'m>) -> Context<'k, 'm> {
+    ctx_with(kernel, false)
+}
+
+/// A context whose one module, "evil", is listed or (`hidden`) found only through sysfs.
+fn ctx_with<'k, 'm>(kernel: &'k Kernel<'m>, hidden: bool) -> Context<'k, 'm> {
     Context::new(kernel, vec![Registers::default()])
         .unwrap()
         .with_modules(vec![ModuleSpan {
@@ -161,6 +166,7 @@ fn ctx<'k, 'm>(kernel: &'k Kernel<'m>) -> Context<'k, 'm> {
             end: MODULE_BASE + 0x10000,
             text: true,
             base: MODULE_BASE,
+            hidden,
         }])
 }
 
@@ -616,6 +622,30 @@ fn ftrace_ops_and_kprobes_are_judged_by_their_owners() {
     );
     assert!(f.owner.as_deref().unwrap().starts_with("module evil"));
     assert!(f.actual.contains(&format!("{evil_ops:#x}")), "{}", f.actual);
+
+    // The same hook when the module hid itself (a monitor finds it through sysfs and marks its
+    // span hidden): as grave as unowned code, and named for what it did.
+    let r = run_checks(&ctx_with(&kernel, true), &baseline, &checks).unwrap();
+    assert_eq!(
+        summary(&r),
+        [(
+            Severity::Critical,
+            "ftrace-hook",
+            "__x64_sys_getpid".to_string()
+        )]
+    );
+    let f = &r.findings[0];
+    assert!(
+        f.explanation
+            .starts_with("module evil, hidden from the module list, hooks __x64_sys_getpid"),
+        "{}",
+        f.explanation
+    );
+    assert_eq!(
+        f.owner.as_deref(),
+        Some("module evil (hidden from the module list) text"),
+        "{f:?}"
+    );
 
     // Unowned code hooking everything; a module kprobe; an aggregate holding an unowned one.
     ft.ops(UNOWNED, 1, &[]);

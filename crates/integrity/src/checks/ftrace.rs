@@ -529,17 +529,25 @@ fn targets_text(h: &Hook, limit: usize) -> String {
 }
 
 fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
-    let module = match &h.owner {
-        Owner::Module { name, .. } => Some(name.clone()),
-        _ => None,
+    // A module that hid itself is no more trusted than unowned memory.
+    let (listed, hidden) = match &h.owner {
+        Owner::Module {
+            name,
+            hidden: false,
+            ..
+        } => (Some(name.clone()), None),
+        Owner::Module {
+            name, hidden: true, ..
+        } => (None, Some(name.clone())),
+        _ => (None, h.hidden_module.clone()),
     };
-    let severity = match (&module, baselined) {
+    let severity = match (&listed, baselined) {
         (None, _) => Severity::Critical,
         (Some(_), true) => Severity::Medium,
         (Some(_), false) => Severity::High,
     };
     let callback = ctx.map.encode(h.callback);
-    let who = match (&module, &h.hidden_module) {
+    let who = match (&listed, &hidden) {
         (Some(m), _) => format!("module {m}"),
         (None, Some(m)) => format!("module {m}, hidden from the module list,"),
         (None, None) => "code in unowned memory (no listed module)".to_string(),
