@@ -599,6 +599,15 @@ impl<'m> Kernel<'m> {
     /// `init_task` itself (PID 0, the boot CPU's idle task) is the list head and not included,
     /// as in `ps`.
     pub fn tasks_from_list(&self, off: &TaskOffsets) -> Result<Vec<Task>> {
+        self.task_addresses_from_list(off)?
+            .into_iter()
+            .map(|address| self.task_at(off, address))
+            .collect()
+    }
+
+    /// The `task_struct` addresses of [`Kernel::tasks_from_list`], without reading the tasks: a
+    /// comparison of views that reads a task only when the views disagree about it.
+    pub fn task_addresses_from_list(&self, off: &TaskOffsets) -> Result<Vec<u64>> {
         let head = add(self.symbol("init_task")?, off.tasks, "init_task.tasks")?;
         let nodes = walk_list("init_task.tasks", head, MAX_TASKS, |n| {
             read_ptr(self, add(n, off.list_next, "list_head")?, || {
@@ -607,8 +616,21 @@ impl<'m> Kernel<'m> {
         })?;
         nodes
             .into_iter()
-            .map(|n| self.task_at(off, container(n, off.tasks, "task_struct.tasks")?))
+            .map(|n| container(n, off.tasks, "task_struct.tasks"))
             .collect()
+    }
+
+    /// A task's PID and thread-group id alone: two small reads instead of [`Kernel::task_at`]'s
+    /// whole task.
+    pub fn task_ids(&self, off: &TaskOffsets, address: u64) -> Result<(i32, i32)> {
+        let id = |offset: u64, what: &str| -> Result<i32> {
+            let mut raw = [0u8; 4];
+            read_named(self, add(address, offset, what)?, &mut raw, || {
+                format!("{what} of the task_struct at {address:#x}")
+            })?;
+            Ok(i32::from_le_bytes(raw))
+        };
+        Ok((id(off.pid, "pid")?, id(off.tgid, "tgid")?))
     }
 
     /// Every thread of `leader`'s thread group, the leader included, from
@@ -672,6 +694,18 @@ impl<'m> Kernel<'m> {
     /// (`init_pid_ns.idr`, an XArray of `struct pid`), sorted by PID. This view is independent
     /// of the task list: compare the two to find tasks unlinked from one of them.
     pub fn tasks_from_pid_table(&self, off: &TaskOffsets) -> Result<Vec<Task>> {
+        let mut tasks = self
+            .task_addresses_from_pid_table(off)?
+            .into_iter()
+            .map(|address| self.task_at(off, address))
+            .collect::<Result<Vec<_>>>()?;
+        tasks.sort_by_key(|t| (t.pid, t.address));
+        Ok(tasks)
+    }
+
+    /// The `task_struct` addresses of [`Kernel::tasks_from_pid_table`], in PID-table order,
+    /// without reading the tasks.
+    pub fn task_addresses_from_pid_table(&self, off: &TaskOffsets) -> Result<Vec<u64>> {
         let ns = self.symbol("init_pid_ns")?;
         let head = add(ns, off.ns_xa_head, "init_pid_ns.idr")?;
         let mut tasks = Vec::new();
@@ -685,11 +719,16 @@ impl<'m> Kernel<'m> {
                 })
             })?;
             for node in chain {
-                let task = container(node, off.pid_link, "task_struct.pid_links")?;
-                tasks.push(self.task_at(off, task)?);
+                if tasks.len() >= MAX_TASKS {
+                    return Err(Error::ListTooLong {
+                        list: "init_pid_ns.idr tasks".to_string(),
+                        head,
+                        limit: MAX_TASKS,
+                    });
+                }
+                tasks.push(container(node, off.pid_link, "task_struct.pid_links")?);
             }
         }
-        tasks.sort_by_key(|t| (t.pid, t.address));
         Ok(tasks)
     }
 

@@ -94,18 +94,39 @@ fn exiting(t: &Task) -> bool {
 
 /// One read of both views: the leaders in the PID table missing from the task list, plus the
 /// sizes of both views.
+///
+/// Both views are walked by address; a task is read only where they disagree, and in full only
+/// if it is a process the list lacks (every pass, the threads in the PID table cost one small
+/// read each, and the processes on both views none).
 fn read_hidden(ctx: &Context<'_, '_>, off: &TaskOffsets) -> Result<(Vec<Task>, usize, usize)> {
-    let listed = ctx.kernel.tasks_from_list(off)?;
-    let table = ctx.kernel.tasks_from_pid_table(off)?;
-    let addresses: HashSet<u64> = listed.iter().map(|t| t.address).collect();
-    let tgids: HashSet<i32> = listed.iter().map(|t| t.tgid).collect();
-    let (n_list, n_table) = (listed.len(), table.len());
-    let hidden = table
-        .into_iter()
-        .filter(|t| t.pid > 0 && t.is_group_leader() && !exiting(t))
-        .filter(|t| !addresses.contains(&t.address) && !tgids.contains(&t.tgid))
-        .collect();
-    Ok((hidden, n_list, n_table))
+    let kernel = ctx.kernel;
+    let listed = kernel.task_addresses_from_list(off)?;
+    let table = kernel.task_addresses_from_pid_table(off)?;
+    let on_list: HashSet<u64> = listed.iter().copied().collect();
+    let mut leaders_off_list = Vec::new();
+    for &address in table.iter().filter(|a| !on_list.contains(a)) {
+        let (pid, tgid) = kernel.task_ids(off, address)?;
+        if pid > 0 && pid == tgid {
+            leaders_off_list.push(address);
+        }
+    }
+    let mut hidden = Vec::new();
+    if !leaders_off_list.is_empty() {
+        // A process the list holds under another task_struct (a thread that exec'd took over
+        // its group) is not hidden.
+        let listed_tgids = listed
+            .iter()
+            .map(|&a| kernel.task_ids(off, a).map(|(_, tgid)| tgid))
+            .collect::<std::result::Result<HashSet<i32>, _>>()?;
+        for address in leaders_off_list {
+            let task = kernel.task_at(off, address)?;
+            if task.is_group_leader() && !exiting(&task) && !listed_tgids.contains(&task.tgid) {
+                hidden.push(task);
+            }
+        }
+    }
+    hidden.sort_by_key(|t| (t.pid, t.address));
+    Ok((hidden, listed.len(), table.len()))
 }
 
 fn hidden_finding(ctx: &Context<'_, '_>, t: &Task) -> Finding {
