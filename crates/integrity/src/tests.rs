@@ -144,6 +144,11 @@ impl Guest {
     }
 
     fn kernel(&self, build_id: &str) -> Kernel<'_> {
+        self.kernel_over(&self.mem, build_id)
+    }
+
+    /// The kernel read through `mem` (this guest's memory behind a wrapper of the test's).
+    fn kernel_over<'m>(&self, mem: &'m dyn PhysicalMemory, build_id: &str) -> Kernel<'m> {
         let profile = KernelProfile {
             release: "6.1.0-test".into(),
             build_id: Some(build_id.into()),
@@ -166,7 +171,7 @@ impl Guest {
                 steps: vec![],
             },
         };
-        Kernel::from_profile(&self.mem, profile)
+        Kernel::from_profile(mem, profile)
     }
 
     fn regs(&self, vcpu: usize) -> Registers {
@@ -464,6 +469,74 @@ fn pass<'k, 'm>(kernel: &'k Kernel<'m>, g: &Guest) -> Context<'k, 'm> {
     Context::new(kernel, vec![g.regs(0), g.regs(1)])
         .unwrap()
         .with_modules(modules())
+}
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// Guest memory whose first `left` reads over `at` return `torn` there: a site the kernel is
+/// rewriting while the monitor reads it.
+struct TornReads<'a> {
+    inner: &'a MockMemory,
+    at: Gpa,
+    torn: Vec<u8>,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl PhysicalMemory for TornReads<'_> {
+    fn read_phys(
+        &self,
+        gpa: Gpa,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), kvmaccess_core::Error> {
+        self.inner.read_phys(gpa, buf)?;
+        let end = gpa.0 + buf.len() as u64;
+        let covers = gpa.0 <= self.at.0 && self.at.0 + self.torn.len() as u64 <= end;
+        let take = |n: usize| n.checked_sub(1);
+        if covers && self.left.fetch_update(Relaxed, Relaxed, take).is_ok() {
+            let from = usize::try_from(self.at.0 - gpa.0).unwrap();
+            buf[from..from + self.torn.len()].copy_from_slice(&self.torn);
+        }
+        Ok(())
+    }
+
+    fn ranges(&self) -> &[kvmaccess_core::PhysRange] {
+        self.inner.ranges()
+    }
+}
+
+#[test]
+fn a_site_caught_mid_patch_is_classified_from_its_settled_bytes() {
+    let g = Guest::new(0x1200_0000);
+    let kernel = g.kernel("abcd");
+    let checks = classic();
+    let baseline = capture_baseline(&pass(&kernel, &g), &checks).unwrap();
+    // The tracer attached to func_b: legitimate. The first two reads of the site (the scan and
+    // the classifier's) see the old nop with one byte of the call already written.
+    let t = g.text();
+    let call = jmp(t + FUNC_B, t + FTRACE_CALLER, 0xe8);
+    g.poke(FUNC_B, &call);
+    let mut torn = NOP5.to_vec();
+    torn[1] = call[1];
+    assert_ne!(torn[..], NOP5[..]);
+    let memory = TornReads {
+        inner: &g.mem,
+        at: Gpa(PHYS + FUNC_B),
+        torn,
+        left: AtomicUsize::new(2),
+    };
+    let moving = g.kernel_over(&memory, "abcd");
+    let report = run_checks(&pass(&moving, &g), &baseline, &checks).unwrap();
+    assert_eq!(
+        memory.left.load(Relaxed),
+        0,
+        "the torn bytes were not read twice"
+    );
+    assert!(alarms(&report).is_empty(), "{:#?}", report.findings);
+    assert!(
+        report.findings.iter().any(|f| f.class == "ftrace"),
+        "{:#?}",
+        report.findings
+    );
 }
 
 #[test]

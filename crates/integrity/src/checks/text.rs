@@ -24,6 +24,10 @@ use crate::patch::{self, Sites, Verdict, Window};
 const MAX_REGION: u64 = 256 << 20;
 /// Read granularity: large enough to amortise per-read costs, small enough to stay in cache.
 const BLOCK: usize = 64 << 10;
+
+/// How many times a page that changed while its alarm was being classified is read and
+/// classified again.
+const IN_FLUX_ROUNDS: usize = 3;
 const PAGE: u64 = 4096;
 /// Bytes of context read around a change for classification.
 const CONTEXT: u64 = 16;
@@ -444,40 +448,66 @@ pub(crate) fn compare_region(
 
     let mut sites: Option<Sites> = None;
     let classified = || -> Result<()> {
-        for (gva, off, now) in unknown {
+        for (gva, off, scanned) in unknown {
             let sites = match &mut sites {
                 Some(s) => &*s,
                 None => &*sites.insert(pass_sites(ctx, cache, slide_delta)),
             };
-            let base = &old[off..off + now.len()];
-            let mut page_changes: Vec<Change> = Vec::new();
-            let mut i = 0usize;
-            while i < now.len() {
-                if now[i] == base[i] {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < now.len() && now[j] != base[j] {
-                    j += 1;
-                }
-                let pieces = if code {
-                    patch::split_at_sites(sites, gva + i as u64, gva + j as u64)
-                } else {
-                    vec![(gva + i as u64, gva + j as u64)]
-                };
-                for (run_start, run_end) in pieces {
-                    let covered = page_changes.last().is_some_and(|c| {
-                        run_start >= c.verdict.site
-                            && run_end <= c.verdict.site + c.verdict.len as u64
-                    });
-                    if !covered {
-                        page_changes.push(classify_run(
-                            ctx, sites, start, old, run_start, run_end, code, boot_data,
-                        )?);
+            let base = &old[off..off + scanned.len()];
+            let classify_page = |now: &[u8]| -> Result<Vec<Change>> {
+                let mut page_changes: Vec<Change> = Vec::new();
+                let mut i = 0usize;
+                while i < now.len() {
+                    if now[i] == base[i] {
+                        i += 1;
+                        continue;
                     }
+                    let mut j = i;
+                    while j < now.len() && now[j] != base[j] {
+                        j += 1;
+                    }
+                    let pieces = if code {
+                        patch::split_at_sites(sites, gva + i as u64, gva + j as u64)
+                    } else {
+                        vec![(gva + i as u64, gva + j as u64)]
+                    };
+                    for (run_start, run_end) in pieces {
+                        let covered = page_changes.last().is_some_and(|c| {
+                            run_start >= c.verdict.site
+                                && run_end <= c.verdict.site + c.verdict.len as u64
+                        });
+                        if !covered {
+                            page_changes.push(classify_run(
+                                ctx, sites, start, old, run_start, run_end, code, boot_data,
+                            )?);
+                        }
+                    }
+                    i = j;
                 }
-                i = j;
+                Ok(page_changes)
+            };
+            // The kernel patches itself while we read (a tracer switched on rewrites thousands
+            // of call sites in stages), and the classifier reads the bytes around a change
+            // again: a page caught mid-patch can look like a hook. An alarm therefore stands
+            // only if the page still holds the bytes it was classified from; otherwise the
+            // fresh bytes are classified. A page the guest keeps rewriting still alarms, after
+            // a few rounds.
+            let mut now = scanned;
+            let mut page_changes = classify_page(&now)?;
+            for _ in 0..IN_FLUX_ROUNDS {
+                if page_changes
+                    .iter()
+                    .all(|c| c.verdict.severity == Severity::Info)
+                {
+                    break;
+                }
+                let mut again = vec![0u8; now.len()];
+                ctx.kernel.read(Gva(gva), &mut again)?;
+                if again == now {
+                    break;
+                }
+                now = again;
+                page_changes = classify_page(&now)?;
             }
             let page: PageChanges = page_changes.into();
             if page.iter().all(|c| c.verdict.severity == Severity::Info) {
