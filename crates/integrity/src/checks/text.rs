@@ -24,13 +24,12 @@ use crate::patch::{self, Sites, Verdict, Window};
 const MAX_REGION: u64 = 256 << 20;
 /// Read granularity: large enough to amortise per-read costs, small enough to stay in cache.
 const BLOCK: usize = 64 << 10;
-
-/// How many times a page that changed while its alarm was being classified is read and
-/// classified again.
-const IN_FLUX_ROUNDS: usize = 3;
 const PAGE: u64 = 4096;
 /// Bytes of context read around a change for classification.
 const CONTEXT: u64 = 16;
+/// How many times a page that changed while its alarm was being classified is read and
+/// classified again.
+const IN_FLUX_ROUNDS: usize = 3;
 /// Most jump-label / static-call entries read (6.1 has ~40k jump labels).
 const MAX_SITES: u64 = 1 << 20;
 /// Most ftrace records walked.
