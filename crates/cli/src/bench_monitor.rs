@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
-use kvmaccess_integrity::{capture_baseline, CheckSet, Context};
+use kvmaccess_integrity::{capture_baseline, CheckSet, Context, ModuleTracker};
 use kvmaccess_linux::Kernel;
-
-use crate::monitor::{run_pass, ModuleTracker};
 use serde::Serialize;
 
 use crate::linux::{kernel_types, open_kernel};
+use crate::monitor::run_pass;
 use crate::output::print_json;
 use crate::target::{booted_guest, Access, Target};
 use crate::{outln, TargetArgs};

@@ -12,10 +12,11 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use kvmaccess_core::{Gva, PhysicalMemoryWrite};
 use kvmaccess_integrity::{
-    apply_write, capture_baseline, restore_plan, run_checks, Baseline, CheckSet, Context, Finding,
-    ModuleSpan, Report, Restore, Severity, CHECKS,
+    apply_write, capture_baseline, hidden_modules, module_spans, restore_plan, run_checks,
+    Baseline, CheckSet, Context, Finding, ModuleSpan, ModuleTracker, Report, Restore, Severity,
+    CHECKS,
 };
-use kvmaccess_linux::{Kernel, ModuleOffsets, SymbolTable};
+use kvmaccess_linux::{Kernel, ModuleOffsets};
 use kvmaccess_x86::AddressSpace;
 use serde::Serialize;
 
@@ -142,51 +143,15 @@ fn parse_action(text: &str) -> Result<Action, String> {
 }
 
 /// Module ranges for owners and module-relative locations; an unreadable list leaves them out.
-fn module_spans(
+fn current_module_spans(
     kernel: &Kernel<'_>,
     types: Option<&kvmaccess_linux::KernelTypes>,
 ) -> Vec<ModuleSpan> {
     types
         .and_then(|t| ModuleOffsets::from_types(t).ok())
         .and_then(|off| kernel.modules(&off).ok().map(|m| (off, m)))
-        .map(|(off, listed)| spans(&listed, &hidden_modules(kernel, &off, &listed)))
+        .map(|(off, listed)| module_spans(&listed, &hidden_modules(kernel, &off, &listed)))
         .unwrap_or_default()
-}
-
-/// Modules that unlinked themselves from the module list but are still registered in sysfs.
-/// Best effort: an unreadable kset or module is left out.
-fn hidden_modules(
-    kernel: &Kernel<'_>,
-    off: &ModuleOffsets,
-    listed: &[kvmaccess_linux::Module],
-) -> Vec<kvmaccess_linux::Module> {
-    let Ok(kobjects) = kernel.modules_from_kset(off) else {
-        return Vec::new();
-    };
-    kobjects
-        .iter()
-        .filter_map(|k| k.module)
-        .filter(|address| !listed.iter().any(|m| m.address == *address))
-        .filter_map(|address| kernel.module_at(off, address).ok())
-        .collect()
-}
-
-/// Address ranges of the listed modules and of the hidden ones, marked hidden: a hook into a
-/// hidden module's code is then attributed to it instead of to "unowned memory".
-fn spans(
-    listed: &[kvmaccess_linux::Module],
-    hidden: &[kvmaccess_linux::Module],
-) -> Vec<ModuleSpan> {
-    let mut spans = ModuleSpan::from_modules(listed);
-    spans.extend(
-        ModuleSpan::from_modules(hidden)
-            .into_iter()
-            .map(|span| ModuleSpan {
-                hidden: true,
-                ..span
-            }),
-    );
-    spans
 }
 
 fn context<'k, 'm>(
@@ -194,90 +159,16 @@ fn context<'k, 'm>(
     target: &Target,
     types: Option<&'k kvmaccess_linux::KernelTypes>,
 ) -> Result<Context<'k, 'm>> {
-    let ctx =
-        Context::from_backend(kernel, target.vcpus())?.with_modules(module_spans(kernel, types));
+    let ctx = Context::from_backend(kernel, target.vcpus())?
+        .with_modules(current_module_spans(kernel, types));
     Ok(match types {
         Some(types) => ctx.with_types(types),
         None => ctx,
     })
 }
 
-/// The loaded modules as a long-running monitor sees them: their address ranges (owners and
-/// module-relative locations) and their symbols merged into the kernel's symbol table, so that
-/// findings name the module function a hook points to (`kvma_sct_getppid+0x0`), not only the
-/// module.
-///
-/// The list is re-read every few passes, and at once when a pass raises an alarm with a stale
-/// list (so a freshly loaded module's hooks are attributed to it): reading it every second
-/// would cost more than the paper's four checks together. Symbols are re-merged only when the
-/// set of loaded modules changed, from a copy of the kernel's own table kept aside.
-pub struct ModuleTracker {
-    kernel_only: SymbolTable,
-    loaded: Option<Vec<(String, u64, i64)>>,
-    spans: Vec<ModuleSpan>,
-    age: u32,
-    /// Found in the kernel's types on the first refresh: they do not change while it runs.
-    offsets: Option<ModuleOffsets>,
-}
-
-impl ModuleTracker {
-    const REFRESH_PASSES: u32 = 10;
-
-    pub fn new(kernel: &Kernel<'_>) -> Self {
-        Self {
-            kernel_only: kernel.symbols().clone(),
-            loaded: None,
-            spans: Vec::new(),
-            age: u32::MAX,
-            offsets: None,
-        }
-    }
-
-    /// Re-reads the module list now; an unreadable list leaves the previous state alone.
-    fn refresh(&mut self, kernel: &mut Kernel<'_>, types: Option<&kvmaccess_linux::KernelTypes>) {
-        self.age = 0;
-        if self.offsets.is_none() {
-            self.offsets = types.and_then(|t| ModuleOffsets::from_types(t).ok());
-        }
-        let Some(off) = self.offsets.clone() else {
-            return;
-        };
-        let Ok(listed) = kernel.modules(&off) else {
-            return;
-        };
-        let hidden = hidden_modules(kernel, &off, &listed);
-        self.spans = spans(&listed, &hidden);
-        // A hidden module's symbols are merged too: a hook into it is named by its function.
-        let modules = [listed, hidden].concat();
-        let loaded: Vec<(String, u64, i64)> = modules
-            .iter()
-            .map(|m| (m.name.clone(), m.address, m.state))
-            .collect();
-        if self.loaded.as_ref() == Some(&loaded) {
-            return;
-        }
-        *kernel.symbols_mut() = self.kernel_only.clone();
-        let _ = kernel.merge_module_symbols(&off, &modules);
-        self.loaded = Some(loaded);
-    }
-
-    /// Refreshes when the list is due; says whether it did.
-    fn refresh_if_due(
-        &mut self,
-        kernel: &mut Kernel<'_>,
-        types: Option<&kvmaccess_linux::KernelTypes>,
-    ) -> bool {
-        let due = self.age >= Self::REFRESH_PASSES;
-        if due {
-            self.refresh(kernel, types);
-        }
-        self.age = self.age.saturating_add(1);
-        due
-    }
-}
-
 /// One monitor pass: fresh translations, all vCPUs' registers, every check; re-run with a fresh
-/// module list when it raised alarms with a stale one.
+/// module list when it raised alarms with a stale or unsettled one.
 pub fn run_pass(
     kernel: &mut Kernel<'_>,
     target: &Target,
@@ -293,7 +184,9 @@ pub fn run_pass(
         baseline,
         checks,
     )?;
-    if fresh || report.alarms().next().is_none() {
+    // A module caught while it was being loaded has its code in the list but not yet its
+    // symbols: an alarm pointing into it is explained again once its symbols are readable.
+    if (fresh && modules.settled()) || report.alarms().next().is_none() {
         return Ok(report);
     }
     modules.refresh(kernel, types);
@@ -312,7 +205,7 @@ fn pass_context<'k, 'm>(
     types: Option<&'k kvmaccess_linux::KernelTypes>,
     modules: &ModuleTracker,
 ) -> Result<Context<'k, 'm>> {
-    let ctx = Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans.clone());
+    let ctx = Context::from_backend(kernel, target.vcpus())?.with_modules(modules.spans().to_vec());
     Ok(match types {
         Some(types) => ctx.with_types(types),
         None => ctx,

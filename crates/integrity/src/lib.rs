@@ -27,6 +27,7 @@ mod engine;
 mod error;
 mod finding;
 mod location;
+mod module_tracker;
 pub mod patch;
 mod restore;
 mod time;
@@ -43,6 +44,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use finding::{Finding, Severity, Target};
 pub use location::{AddressMap, Location, ModuleSpan, Owner};
+pub use module_tracker::{hidden_modules, module_spans, ModuleTracker};
 pub use restore::{apply_write, restore_plan, Restore, Write};
 pub use time::rfc3339;
 

@@ -342,6 +342,89 @@ fn hidden_modules_and_module_changes() {
     assert!(errors[0].1.contains("modules"), "{errors:?}");
 }
 
+/// Where a module's symbol table lives: `struct module.kallsyms` points at a `mod_kallsyms`.
+const KALLSYMS: u64 = 0xd0;
+const UNFORMED: u32 = 3;
+
+/// A `mod_kallsyms` with one named function at `address` (symbol 0 is ELF's empty one).
+fn module_kallsyms(w: &World, name: &str, address: u64) -> u64 {
+    let strtab = w.string(&format!("\0{name}"));
+    let symtab = w.alloc(48);
+    w.u32(symtab + 24, 1);
+    w.u64(symtab + 24 + 8, address);
+    let kallsyms = w.alloc(24);
+    w.u64(kallsyms, symtab);
+    w.u64(kallsyms + 8, 2);
+    w.u64(kallsyms + 16, strtab);
+    kallsyms
+}
+
+/// A module caught while it loads has its code in the list but not yet its symbols; one whose
+/// symbols could not be read is read again. Neither leaves the tracker "settled", so a monitor
+/// re-reads the list before it explains an alarm pointing into that module.
+#[test]
+fn module_tracker_settles_only_once_every_module_s_symbols_are_in() {
+    let w = World::new();
+    let mut ms = Modules::new(&w);
+    ms.off.kallsyms = Some(KALLSYMS);
+    ms.off
+        .state_names
+        .push((i64::from(UNFORMED), "MODULE_STATE_UNFORMED".into()));
+    // The module symbol naming `address`, if any (kernel symbols are not looked at).
+    let named = |kernel: &Kernel<'_>, address: u64| {
+        let (symbol, off) = kernel.symbols().addr2sym(address)?;
+        let module = symbol.module.as_deref()?;
+        Some(format!("{}+{off:#x} [{module}]", symbol.name))
+    };
+    let mut kernel = w.kernel();
+    let mut tracker = ModuleTracker::with_offsets(&kernel, ms.off.clone());
+    assert!(tracker.refresh_if_due(&mut kernel, None));
+    assert!(tracker.settled() && tracker.spans().is_empty());
+
+    // Loading: in the list with its memory laid out, its state unformed, no symbols yet.
+    let hook = MODULE_BASE + 0x40;
+    let late = ms.module("late", MODULE_BASE, 0x2000, 0);
+    w.u32(late + ms.off.state, UNFORMED);
+    tracker.refresh(&mut kernel, None);
+    assert!(!tracker.settled());
+    assert_eq!(tracker.spans()[0].name, "late");
+    assert_eq!(named(&kernel, hook), None);
+
+    // Loaded: its symbols are merged.
+    w.u64(late + KALLSYMS, module_kallsyms(&w, "late_hook", hook));
+    w.u32(late + ms.off.state, 0);
+    tracker.refresh(&mut kernel, None);
+    assert!(tracker.settled());
+    assert_eq!(
+        named(&kernel, hook).as_deref(),
+        Some("late_hook+0x0 [late]")
+    );
+
+    // A symbol table that cannot be read does not settle; the same list read again once the
+    // table is readable merges it (the list alone did not change).
+    let other = ms.module("other", MODULE_BASE + 0x10_0000, 0x2000, 0);
+    w.u64(other + KALLSYMS, UNOWNED);
+    tracker.refresh(&mut kernel, None);
+    assert!(!tracker.settled());
+    assert_eq!(
+        named(&kernel, hook).as_deref(),
+        Some("late_hook+0x0 [late]")
+    );
+    let entry = MODULE_BASE + 0x10_0010;
+    w.u64(other + KALLSYMS, module_kallsyms(&w, "other_entry", entry));
+    tracker.refresh(&mut kernel, None);
+    assert!(tracker.settled());
+    assert_eq!(
+        named(&kernel, entry).as_deref(),
+        Some("other_entry+0x0 [other]")
+    );
+
+    // Nothing changed: settled without merging again; not due for some passes.
+    tracker.refresh(&mut kernel, None);
+    assert!(tracker.settled());
+    assert!(!tracker.refresh_if_due(&mut kernel, None));
+}
+
 // ---------------------------------------------------------------------------------------------
 // tasks
 
