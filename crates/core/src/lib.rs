@@ -53,6 +53,27 @@ pub trait PhysicalMemory: Send + Sync {
         vec![within]
     }
 
+    /// Whether the bytes at `gpa..gpa + expected.len()` equal `expected`. A range that is not
+    /// all RAM is an error, as for [`Self::read_phys`], wherever the first difference lies.
+    ///
+    /// The text check compares megabytes of guest memory with its baseline copy on every pass,
+    /// and nearly all of it is equal: backends that map guest RAM compare it where it lies
+    /// instead of copying it out first. This default copies a page at a time.
+    fn phys_equals(&self, gpa: Gpa, expected: &[u8]) -> Result<bool, Error> {
+        let mut page = [0u8; 4096];
+        let mut at = gpa.0;
+        let mut equal = true;
+        for want in expected.chunks(page.len()) {
+            let now = page.get_mut(..want.len()).unwrap_or_default();
+            self.read_phys(Gpa(at), now)?;
+            equal &= now == want;
+            // Past the last chunk the address is not used, so an overflow there is no error
+            // (and before it, the read of the chunk that wraps has already failed).
+            at = at.wrapping_add(want.len() as u64);
+        }
+        Ok(equal)
+    }
+
     /// Total bytes of guest RAM.
     fn ram_size(&self) -> u64 {
         self.ranges().iter().map(PhysRange::len).sum()

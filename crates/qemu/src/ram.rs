@@ -339,10 +339,9 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Write `data` at `gpa`; checks the whole range first so nothing is written on failure.
-    pub(crate) fn write(&self, gpa: Gpa, data: &[u8]) -> Result<(), kvmaccess_core::Error> {
-        let len =
-            u64::try_from(data.len()).map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa })?;
+    /// Fails, naming the first missing address, unless all of `gpa..gpa + len` is RAM.
+    fn check_backed(&self, gpa: Gpa, len: usize) -> Result<(), kvmaccess_core::Error> {
+        let len = u64::try_from(len).map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa })?;
         let end = gpa
             .0
             .checked_add(len)
@@ -354,7 +353,80 @@ impl GuestRam {
                 .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
             addr = span.end;
         }
+        Ok(())
+    }
 
+    /// Whether guest memory at `gpa` holds `expected`, compared where it is mapped (no copy);
+    /// RAM read through `/proc/PID/mem` is copied a page at a time.
+    pub(crate) fn equals(&self, gpa: Gpa, expected: &[u8]) -> Result<bool, kvmaccess_core::Error> {
+        // A range running into a hole is an error, as for a read, even when a difference
+        // before the hole would settle the answer.
+        self.check_backed(gpa, expected.len())?;
+        let mut addr = gpa.0;
+        let mut done = 0usize;
+        while done < expected.len() {
+            let span = self
+                .span_at(addr)
+                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+            let want = expected.len() - done;
+            // `addr < span.end`, so the subtraction cannot underflow.
+            let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
+            let rel = addr - span.start;
+            let expected_here = &expected[done..done + n];
+            let equal = match span.via {
+                Via::File { index, offset } => {
+                    let Some(file) = self.files.get(index) else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    let at = usize::try_from(offset + rel)
+                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
+                    // SAFETY: the bounds are those of `read` (`at + n` lies inside the live
+                    // mapping `self.files` keeps alive) and `expected_here` is a buffer of exactly
+                    // `n` bytes. The guest may write the mapped bytes concurrently; as in `read`,
+                    // no Rust reference to the mapping is formed: memcmp reads it through a raw
+                    // pointer, and a concurrent write can only make the answer describe one
+                    // moment or the next, which callers that find a difference re-read anyway.
+                    let order = unsafe {
+                        libc::memcmp(
+                            file.ro.as_ptr().add(at).cast::<libc::c_void>(),
+                            expected_here.as_ptr().cast::<libc::c_void>(),
+                            n,
+                        )
+                    };
+                    order == 0
+                }
+                Via::ProcMem { hva } => {
+                    let Some((pid, mem)) = &self.proc_mem else {
+                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    };
+                    let mut page = [0u8; 4096];
+                    let mut equal = true;
+                    let mut from = hva + rel;
+                    for want in expected_here.chunks(page.len()) {
+                        let now = &mut page[..want.len()];
+                        mem.read_exact_at(now, from)
+                            .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                        if now != want {
+                            equal = false;
+                            break;
+                        }
+                        from += want.len() as u64;
+                    }
+                    equal
+                }
+            };
+            if !equal {
+                return Ok(false);
+            }
+            done += n;
+            addr += n as u64;
+        }
+        Ok(true)
+    }
+
+    /// Write `data` at `gpa`; checks the whole range first so nothing is written on failure.
+    pub(crate) fn write(&self, gpa: Gpa, data: &[u8]) -> Result<(), kvmaccess_core::Error> {
+        self.check_backed(gpa, data.len())?;
         let mut addr = gpa.0;
         let mut done = 0usize;
         while done < data.len() {

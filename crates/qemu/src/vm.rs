@@ -305,6 +305,10 @@ impl PhysicalMemory for QemuVm {
         self.ram.read(gpa, buf)
     }
 
+    fn phys_equals(&self, gpa: Gpa, expected: &[u8]) -> Result<bool, kvmaccess_core::Error> {
+        self.ram.equals(gpa, expected)
+    }
+
     fn ranges(&self) -> &[PhysRange] {
         self.ram.ranges()
     }

@@ -142,6 +142,25 @@ fn read_vec(vm: &QemuVm, gpa: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// `phys_equals` agrees with the bytes read at `gpa`, and sees one byte changed anywhere in
+/// them; a range running past the end of RAM is an error even when its first byte differs.
+fn equals_agrees_with_read(vm: &QemuVm, gpa: u64, bytes: &[u8]) {
+    assert!(vm.phys_equals(Gpa(gpa), bytes).unwrap(), "at {gpa:#x}");
+    for flip in [0, bytes.len() / 2, bytes.len() - 1] {
+        let mut other = bytes.to_vec();
+        other[flip] ^= 0x5a;
+        assert!(
+            !vm.phys_equals(Gpa(gpa), &other).unwrap(),
+            "a change at {gpa:#x}+{flip:#x} unseen"
+        );
+    }
+    let end = vm.ranges().last().unwrap().end.0;
+    match vm.phys_equals(Gpa(end - 8), &[0xa5; 16]) {
+        Err(kvmaccess_core::Error::PhysUnmapped { gpa }) => assert_eq!(gpa, Gpa(end)),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn boot_console_memory_and_state_file() {
     let g = launch(512, 1, &[], true);
@@ -186,6 +205,9 @@ fn boot_console_memory_and_state_file() {
         ((512 << 20) - 0x1000, 0x1000),
     ];
     let via_map: Vec<Vec<u8>> = probes.iter().map(|&(a, l)| read_vec(&vm, a, l)).collect();
+    for (&(a, _), bytes) in probes.iter().zip(&via_map) {
+        equals_agrees_with_read(&vm, a, bytes);
+    }
     drop(vm); // QEMU serves one QMP client at a time.
     let pm = g
         .attach_with(AttachOptions {
@@ -197,6 +219,7 @@ fn boot_console_memory_and_state_file() {
     assert!(pm.notice().unwrap().contains("CAP_SYS_PTRACE"));
     for (&(a, l), mapped) in probes.iter().zip(&via_map) {
         assert!(read_vec(&pm, a, l) == *mapped, "bytes at {a:#x} differ");
+        equals_agrees_with_read(&pm, a, mapped);
     }
     // Past the end of RAM: an error naming the first missing address, from both paths.
     let mut b = [0u8; 16];

@@ -236,6 +236,31 @@ mod tests {
         assert_eq!(mem.allocated_frames(), 0);
     }
 
+    /// The trait's default comparison (a copy per page): a change in any page is seen, and a
+    /// range running into a hole is an error even when an earlier byte already differs.
+    #[test]
+    fn default_phys_equals_sees_every_page_and_fails_on_holes() {
+        let mem = MockMemory::with_ranges(&[PhysRange {
+            start: Gpa(0),
+            end: Gpa(0x4000),
+        }]);
+        let data: Vec<u8> = (0..=255u8).cycle().take(0x2800).collect();
+        mem.write_bytes(Gpa(0x800), &data).unwrap();
+        assert!(mem.phys_equals(Gpa(0x800), &data).unwrap());
+        for flip in [0, 0x7ff, 0x800, 0x1fff, data.len() - 1] {
+            let mut other = data.clone();
+            other[flip] ^= 0x5a;
+            assert!(!mem.phys_equals(Gpa(0x800), &other).unwrap(), "{flip:#x}");
+        }
+        let mut running_off = vec![0xffu8; 0x1000];
+        running_off[0] = 0;
+        let err = mem.phys_equals(Gpa(0x3800), &running_off).unwrap_err();
+        assert!(
+            matches!(err, kvmaccess_core::Error::PhysUnmapped { gpa } if gpa == Gpa(0x4000)),
+            "{err}"
+        );
+    }
+
     #[test]
     fn writes_cross_frames() {
         let mem = MockMemory::new(0x10000);

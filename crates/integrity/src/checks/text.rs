@@ -1,9 +1,10 @@
 //! Kernel text, rodata and the exception table against the baseline copy.
 //!
-//! Speed: each region is translated once per mapping (2 MiB pages for kernel text), read in
-//! 64 KiB blocks into one reused buffer and compared with the baseline copy by slice equality,
-//! so a clean pass costs two memory streams. Only 4 KiB pages that differ are looked at
-//! further; a page whose differences were all classified as legitimate is remembered with its
+//! Speed: each region is translated once per mapping (2 MiB pages for kernel text) and
+//! compared with the baseline copy in 64 KiB blocks where the backend holds guest memory (a
+//! live guest's mapped RAM is not copied first), so a clean pass costs two memory streams. A
+//! block that differs is read into one reused buffer, and only its 4 KiB pages that differ are
+//! looked at further; a page whose differences were all classified as legitimate is remembered with its
 //! bytes, so a kernel that stays in a patched state (tracing on, a static key flipped) is not
 //! re-classified every pass.
 
@@ -408,14 +409,16 @@ pub(crate) fn compare_region(
             let mut done = 0usize;
             while done < chunk_len {
                 let n = BLOCK.min(chunk_len - done);
-                let gpa = chunk.gpa.0 + done as u64;
-                let now = &mut buf[..n];
-                mem.read_phys(kvmaccess_core::Gpa(gpa), now)?;
+                let gpa = kvmaccess_core::Gpa(chunk.gpa.0 + done as u64);
                 let region_off = chunk_off + done;
                 let base = old
                     .get(region_off..region_off + n)
                     .ok_or_else(|| Error::Implausible("region chunks exceed the region".into()))?;
-                if now != base {
+                // Nearly every block is unchanged: compared where the backend holds it, it
+                // is copied out only when it differs (a comparison stops at the first change).
+                if !mem.phys_equals(gpa, base)? {
+                    let now = &mut buf[..n];
+                    mem.read_phys(gpa, now)?;
                     // Split at 4 KiB page boundaries of the virtual address.
                     let mut p = 0usize;
                     while p < n {
