@@ -284,76 +284,95 @@ impl GuestRam {
         self.spans.iter().find(|s| addr >= s.start && addr < s.end)
     }
 
-    /// Copy guest memory at `gpa` into `buf`, crossing span boundaries where RAM continues.
+    /// The stretches of `gpa..gpa + len`, one per span it crosses, in order; an address
+    /// without RAM ends the walk with an error naming it.
     #[inline]
-    pub(crate) fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), kvmaccess_core::Error> {
+    fn pieces(
+        &self,
+        gpa: Gpa,
+        len: usize,
+    ) -> impl Iterator<Item = Result<Piece<'_>, kvmaccess_core::Error>> + '_ {
         let mut addr = gpa.0;
         let mut done = 0usize;
-        while done < buf.len() {
-            let span = self
-                .span_at(addr)
-                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-            let want = buf.len() - done;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let unmapped = |addr| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) };
+            let Some(span) = self.span_at(addr) else {
+                done = len;
+                return Some(Err(unmapped(addr)));
+            };
+            let want = len - done;
             // `addr < span.end`, so the subtraction cannot underflow.
             let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
             let rel = addr - span.start;
-            let dst = &mut buf[done..done + n];
-            match span.via {
-                Via::File { index, offset } => {
-                    let Some(file) = self.files.get(index) else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
+            let backing = match span.via {
+                Via::File { index, offset } => self.files.get(index).and_then(|file| {
                     // `new` checked offset + span length <= mapping length and that it fits usize.
-                    let at = usize::try_from(offset + rel)
-                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-                    // SAFETY: `at + n <= offset + span length <= mapping length` (checked in `new`;
-                    // `rel + n <= span length` because `n <= span.end - addr`), so the source lies
+                    let at = usize::try_from(offset + rel).ok()?;
+                    Some(Backing::Mapped { file, at })
+                }),
+                Via::ProcMem { hva } => self.proc_mem.as_ref().map(|(pid, mem)| Backing::ProcMem {
+                    pid: *pid,
+                    mem,
+                    pos: hva + rel,
+                }),
+            };
+            let Some(backing) = backing else {
+                done = len;
+                return Some(Err(unmapped(addr)));
+            };
+            let piece = Piece {
+                addr,
+                range: done..done + n,
+                backing,
+            };
+            done += n;
+            addr += n as u64;
+            Some(Ok(piece))
+        })
+    }
+
+    /// Copy guest memory at `gpa` into `buf`, crossing span boundaries where RAM continues.
+    #[inline]
+    pub(crate) fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), kvmaccess_core::Error> {
+        for piece in self.pieces(gpa, buf.len()) {
+            let piece = piece?;
+            let dst = &mut buf[piece.range.clone()];
+            match piece.backing {
+                Backing::Mapped { file, at } => {
+                    // SAFETY: `at + dst.len() <= offset + span length <= mapping length`
+                    // (checked in `new`; a piece never runs past its span), so the source lies
                     // inside the live mapping that `self.files` keeps alive, and `dst` is a
-                    // distinct buffer of exactly `n` bytes. The guest (QEMU) may write these bytes
-                    // concurrently: we never form a Rust reference to the mapping, only copy out
-                    // of it through a raw pointer, so the compiler cannot assume the bytes are
-                    // immutable or cache them across calls. A concurrent write can tear a value,
-                    // exactly as it could for a CPU reading guest memory without pausing the
-                    // guest; callers pause the guest when they need consistency. Every bit
-                    // pattern is a valid `u8`, and the file cannot shrink under us while QEMU
-                    // holds it as guest RAM.
+                    // distinct buffer of exactly that length. The guest (QEMU) may write these
+                    // bytes concurrently: we never form a Rust reference to the mapping, only
+                    // copy out of it through a raw pointer, so the compiler cannot assume the
+                    // bytes are immutable or cache them across calls. A concurrent write can
+                    // tear a value, exactly as it could for a CPU reading guest memory without
+                    // pausing the guest; callers pause the guest when they need consistency.
+                    // Every bit pattern is a valid `u8`, and the file cannot shrink under us
+                    // while QEMU holds it as guest RAM.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             file.ro.as_ptr().add(at),
                             dst.as_mut_ptr(),
-                            n,
+                            dst.len(),
                         );
                     }
                 }
-                Via::ProcMem { hva } => {
-                    let Some((pid, mem)) = &self.proc_mem else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
-                    mem.read_exact_at(dst, hva + rel)
-                        .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                Backing::ProcMem { pid, mem, pos } => {
+                    mem.read_exact_at(dst, pos)
+                        .map_err(|e| proc_mem_error(pid, e, piece.addr))?;
                 }
             }
-            done += n;
-            addr += n as u64;
         }
         Ok(())
     }
 
     /// Fails, naming the first missing address, unless all of `gpa..gpa + len` is RAM.
     fn check_backed(&self, gpa: Gpa, len: usize) -> Result<(), kvmaccess_core::Error> {
-        let len = u64::try_from(len).map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa })?;
-        let end = gpa
-            .0
-            .checked_add(len)
-            .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa })?;
-        let mut addr = gpa.0;
-        while addr < end {
-            let span = self
-                .span_at(addr)
-                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-            addr = span.end;
-        }
-        Ok(())
+        self.pieces(gpa, len).try_for_each(|piece| piece.map(drop))
     }
 
     /// Whether guest memory at `gpa` holds `expected`, compared where it is mapped (no copy);
@@ -362,50 +381,35 @@ impl GuestRam {
         // A range running into a hole is an error, as for a read, even when a difference
         // before the hole would settle the answer.
         self.check_backed(gpa, expected.len())?;
-        let mut addr = gpa.0;
-        let mut done = 0usize;
-        while done < expected.len() {
-            let span = self
-                .span_at(addr)
-                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-            let want = expected.len() - done;
-            // `addr < span.end`, so the subtraction cannot underflow.
-            let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
-            let rel = addr - span.start;
-            let expected_here = &expected[done..done + n];
-            let equal = match span.via {
-                Via::File { index, offset } => {
-                    let Some(file) = self.files.get(index) else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
-                    let at = usize::try_from(offset + rel)
-                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-                    // SAFETY: the bounds are those of `read` (`at + n` lies inside the live
-                    // mapping `self.files` keeps alive) and `expected_here` is a buffer of exactly
-                    // `n` bytes. The guest may write the mapped bytes concurrently; as in `read`,
-                    // no Rust reference to the mapping is formed: memcmp reads it through a raw
-                    // pointer, and a concurrent write can only make the answer describe one
-                    // moment or the next, which callers that find a difference re-read anyway.
+        for piece in self.pieces(gpa, expected.len()) {
+            let piece = piece?;
+            let expected_here = &expected[piece.range.clone()];
+            let equal = match piece.backing {
+                Backing::Mapped { file, at } => {
+                    // SAFETY: the bounds are those of `read` (the piece lies inside the live
+                    // mapping `self.files` keeps alive) and `expected_here` is a buffer of the
+                    // piece's length. The guest may write the mapped bytes concurrently; as in
+                    // `read`, no Rust reference to the mapping is formed: memcmp reads it through
+                    // a raw pointer, and a concurrent write can only make the answer describe
+                    // one moment or the next, which callers that find a difference re-read
+                    // anyway.
                     let order = unsafe {
                         libc::memcmp(
                             file.ro.as_ptr().add(at).cast::<libc::c_void>(),
                             expected_here.as_ptr().cast::<libc::c_void>(),
-                            n,
+                            expected_here.len(),
                         )
                     };
                     order == 0
                 }
-                Via::ProcMem { hva } => {
-                    let Some((pid, mem)) = &self.proc_mem else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
+                Backing::ProcMem { pid, mem, pos } => {
                     let mut page = [0u8; 4096];
+                    let mut from = pos;
                     let mut equal = true;
-                    let mut from = hva + rel;
                     for want in expected_here.chunks(page.len()) {
                         let now = &mut page[..want.len()];
                         mem.read_exact_at(now, from)
-                            .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                            .map_err(|e| proc_mem_error(pid, e, piece.addr))?;
                         if now != want {
                             equal = false;
                             break;
@@ -418,8 +422,6 @@ impl GuestRam {
             if !equal {
                 return Ok(false);
             }
-            done += n;
-            addr += n as u64;
         }
         Ok(true)
     }
@@ -427,49 +429,55 @@ impl GuestRam {
     /// Write `data` at `gpa`; checks the whole range first so nothing is written on failure.
     pub(crate) fn write(&self, gpa: Gpa, data: &[u8]) -> Result<(), kvmaccess_core::Error> {
         self.check_backed(gpa, data.len())?;
-        let mut addr = gpa.0;
-        let mut done = 0usize;
-        while done < data.len() {
-            let span = self
-                .span_at(addr)
-                .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-            let want = data.len() - done;
-            let n = usize::try_from(span.end - addr).map_or(want, |avail| avail.min(want));
-            let rel = addr - span.start;
-            let src = &data[done..done + n];
-            match span.via {
-                Via::File { index, offset } => {
-                    let Some(file) = self.files.get(index) else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
+        for piece in self.pieces(gpa, data.len()) {
+            let piece = piece?;
+            let src = &data[piece.range.clone()];
+            match piece.backing {
+                Backing::Mapped { file, at } => {
                     let map = file.rw().map_err(kvmaccess_core::Error::from)?;
-                    let at = usize::try_from(offset + rel)
-                        .map_err(|_| kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) })?;
-                    if at.checked_add(n).map_or(true, |e| e > map.len()) {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
+                    if at.checked_add(src.len()).map_or(true, |e| e > map.len()) {
+                        return Err(kvmaccess_core::Error::PhysUnmapped {
+                            gpa: Gpa(piece.addr),
+                        });
                     }
-                    // SAFETY: `at + n <= map.len()` was just checked, so the destination lies in
-                    // the live writable mapping owned by `file`, and `src` is our own buffer of
-                    // `n` bytes that cannot overlap the mapping's pages. The guest may access the
+                    // SAFETY: `at + src.len() <= map.len()` was just checked, so the destination
+                    // lies in the live writable mapping owned by `file`, and `src` is our own
+                    // buffer that cannot overlap the mapping's pages. The guest may access the
                     // same bytes concurrently, as with any write into a running guest's memory;
                     // no Rust reference to the mapping exists, so no aliasing rule is broken.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), map.as_mut_ptr().add(at), n);
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            map.as_mut_ptr().add(at),
+                            src.len(),
+                        );
                     }
                 }
-                Via::ProcMem { hva } => {
-                    let Some((pid, mem)) = &self.proc_mem else {
-                        return Err(kvmaccess_core::Error::PhysUnmapped { gpa: Gpa(addr) });
-                    };
-                    mem.write_all_at(src, hva + rel)
-                        .map_err(|e| proc_mem_error(*pid, e, addr))?;
+                Backing::ProcMem { pid, mem, pos } => {
+                    mem.write_all_at(src, pos)
+                        .map_err(|e| proc_mem_error(pid, e, piece.addr))?;
                 }
             }
-            done += n;
-            addr += n as u64;
         }
         Ok(())
     }
+}
+
+/// One stretch of a request that lies in a single span.
+struct Piece<'a> {
+    /// Guest-physical address of its first byte.
+    addr: u64,
+    /// Where it lies in the caller's buffer.
+    range: std::ops::Range<usize>,
+    backing: Backing<'a>,
+}
+
+/// How a piece's bytes are reached.
+enum Backing<'a> {
+    /// At byte `at` of a mapped RAM file.
+    Mapped { file: &'a MappedFile, at: usize },
+    /// Through QEMU's `/proc/PID/mem` at host address `pos`.
+    ProcMem { pid: u32, mem: &'a File, pos: u64 },
 }
 
 fn proc_mem_error(pid: u32, e: std::io::Error, gpa: u64) -> kvmaccess_core::Error {
