@@ -666,16 +666,33 @@ impl<'w> Ftrace<'w> {
     }
 }
 
+/// The getpid hook of the module "evil" after it hid itself, named for what it did.
+fn assert_hook_of_hidden_evil(f: &Finding) {
+    assert!(
+        f.explanation
+            .starts_with("module evil, hidden from the module list, hooks __x64_sys_getpid"),
+        "{}",
+        f.explanation
+    );
+    assert_eq!(
+        f.owner.as_deref(),
+        Some("module evil (hidden from the module list) text"),
+        "{f:?}"
+    );
+}
+
 #[test]
 fn ftrace_ops_and_kprobes_are_judged_by_their_owners() {
     let w = World::new();
     let ft = Ftrace::new(&w);
+    let ms = Modules::new(&w);
+    let evil = ms.module("evil", MODULE_BASE, 0x2000, 0);
     // The kernel's own function tracer, on everything: not reported.
     ft.ops(FUNCTION_TRACE_CALL, 1, &[]);
     // A kprobe event (kernel handler).
     ft.kprobe(3, SYS_GETPPID, KPROBE_DISPATCHER, 0);
     let kernel = w.kernel();
-    let checks = set(FtraceCheck::with_offsets(ft.off.clone()));
+    let checks = set(FtraceCheck::with_offsets(ft.off.clone()).with_module_offsets(ms.off.clone()));
     let baseline = capture_baseline(&ctx(&kernel), &checks).unwrap();
     let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
@@ -718,16 +735,25 @@ fn ftrace_ops_and_kprobes_are_judged_by_their_owners() {
         )]
     );
     let f = &r.findings[0];
+    assert_hook_of_hidden_evil(f);
+
+    // A caller that knows no module spans (a library user): the check finds the hidden module
+    // through sysfs itself, and names it in the same words.
+    w.unlink(ms.head, evil + ms.off.list);
+    let bare = Context::new(&kernel, vec![Registers::default()]).unwrap();
+    let r = run_checks(&bare, &baseline, &checks).unwrap();
+    let f = &r.findings[0];
+    assert_eq!(f.severity, Severity::Critical, "{f:?}");
+    assert_hook_of_hidden_evil(f);
+    // Without the module's offsets, the callback stays unowned: graded the same.
+    let unnamed = set(FtraceCheck::with_offsets(ft.off.clone()));
+    let r = run_checks(&bare, &baseline, &unnamed).unwrap();
+    let f = &r.findings[0];
+    assert_eq!(f.severity, Severity::Critical, "{f:?}");
     assert!(
-        f.explanation
-            .starts_with("module evil, hidden from the module list, hooks __x64_sys_getpid"),
+        f.explanation.starts_with("code in unowned memory"),
         "{}",
         f.explanation
-    );
-    assert_eq!(
-        f.owner.as_deref(),
-        Some("module evil (hidden from the module list) text"),
-        "{f:?}"
     );
 
     // Unowned code hooking everything; a module kprobe; an aggregate holding an unowned one.

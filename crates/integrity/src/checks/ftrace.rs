@@ -217,6 +217,15 @@ impl FtraceCheck {
             ..Self::default()
         }
     }
+
+    /// Also use these module offsets, instead of deriving them from the kernel's BTF, to look
+    /// for hidden modules that own otherwise unowned callbacks.
+    pub fn with_module_offsets(self, offsets: kvmaccess_linux::ModuleOffsets) -> Self {
+        Self {
+            module_offsets: super::Derived::fixed(offsets),
+            ..self
+        }
+    }
 }
 
 /// A callback outside kernel text as captured.
@@ -249,9 +258,6 @@ pub(crate) struct Hook {
     pub total: u64,
     pub flags: String,
     pub ipmodify: bool,
-    /// A module hidden from the module list (so not in the address map) whose memory holds the
-    /// callback.
-    pub hidden_module: Option<String>,
 }
 
 fn read_u64(ctx: &Context<'_, '_>, at: u64, what: &str) -> Result<u64> {
@@ -398,7 +404,6 @@ pub(crate) fn ftrace_hooks(ctx: &Context<'_, '_>, off: &FtraceOffsets) -> Result
             total,
             flags: off.flag_words(flags),
             ipmodify: off.flag("IPMODIFY").is_some_and(|m| flags & m != 0),
-            hidden_module: None,
         });
     }
     Ok(hooks)
@@ -487,7 +492,6 @@ pub(crate) fn kprobe_hooks(ctx: &Context<'_, '_>, off: &KprobeOffsets) -> Result
             total: 1,
             flags: String::new(),
             ipmodify: false,
-            hidden_module: None,
         });
     }
     hooks.sort_by_key(|h| h.object);
@@ -539,7 +543,7 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
         Owner::Module {
             name, hidden: true, ..
         } => (None, Some(name.clone())),
-        _ => (None, h.hidden_module.clone()),
+        _ => (None, None),
     };
     let severity = match (&listed, baselined) {
         (None, _) => Severity::Critical,
@@ -592,10 +596,7 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
         h.callback,
         targets_text(h, MAX_HASH_ENTRIES)
     );
-    f.owner = Some(match &h.hidden_module {
-        Some(m) => format!("module {m} (hidden from the module list)"),
-        None => h.owner.to_string(),
-    });
+    f.owner = Some(h.owner.to_string());
     f.explanation = format!(
         "{who} hooks {} {how}{since}",
         targets_text(h, NAMES_IN_ENTRY)
@@ -604,8 +605,9 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
 }
 
 impl FtraceCheck {
-    /// Unowned callbacks may sit in a module that unlinked itself from the module list (and so
-    /// from the address map): look for it among the modules only sysfs still knows. Best effort:
+    /// Unowned callbacks may sit in a module that unlinked itself from the module list, which
+    /// the caller's address map leaves out unless the caller found it (a watch does): look for
+    /// it among the modules only sysfs still knows, and name it as the map would. Best effort:
     /// without module offsets the callback stays "unowned", which is graded the same.
     fn name_hidden_owners(&self, ctx: &Context<'_, '_>, hooks: &mut [Hook]) {
         let Ok(moff) = self
@@ -617,12 +619,17 @@ impl FtraceCheck {
         let Ok((_, hidden)) = super::modules::views(ctx, &moff) else {
             return;
         };
+        let hidden: Vec<kvmaccess_linux::Module> =
+            hidden.into_iter().filter_map(|x| x.module).collect();
+        if hidden.is_empty() {
+            return;
+        }
+        let mut map = ctx.map.clone();
+        let mut spans = map.modules.clone();
+        spans.extend(crate::module_spans(&[], &hidden));
+        map.set_modules(spans);
         for h in hooks.iter_mut().filter(|h| h.owner == Owner::Unowned) {
-            h.hidden_module = hidden
-                .iter()
-                .filter_map(|x| x.module.as_ref())
-                .find(|m| m.region_of(h.callback).is_some())
-                .map(|m| m.name.clone());
+            h.owner = map.owner(h.callback);
         }
     }
 }
