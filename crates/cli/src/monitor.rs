@@ -597,7 +597,8 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
                     }
                     sink.status(&format!("waiting for the guest's kernel: {why}"));
                     intervals.skipped += 1;
-                    std::thread::sleep(cmd.interval);
+                    let deadline = Instant::now().checked_add(cmd.interval);
+                    guest.wait_until(&target, &args.profile, cmd, &mut sink, deadline)?;
                     continue;
                 }
             }
@@ -619,7 +620,8 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
             Err(e) => {
                 sink.emit(&event("pass-failed", Some(format!("{e:#}"))))?;
                 intervals.skipped += 1;
-                std::thread::sleep(cmd.interval);
+                let deadline = pass_started.checked_add(cmd.interval);
+                guest.wait_until(&target, &args.profile, cmd, &mut sink, deadline)?;
                 continue;
             }
         };
@@ -653,20 +655,8 @@ pub fn watch(args: &TargetArgs, cmd: &WatchArgs) -> Result<ExitCode> {
         if intervals.finished(cmd.passes) {
             continue;
         }
-        // The rest of the interval is spent waiting on QMP rather than asleep: a panic, a reset
-        // or QEMU's exit is reported when it happens, not at the next pass (which, at a long
-        // interval, could be a minute later).
         let deadline = pass_started.checked_add(cmd.interval);
-        loop {
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if left.is_zero()
-                || guest.handle_events(&target, &args.profile, cmd, &mut sink, left)?
-            {
-                break;
-            }
-        }
+        guest.wait_until(&target, &args.profile, cmd, &mut sink, deadline)?;
     }
 }
 
@@ -769,6 +759,28 @@ struct Watched<'t> {
 }
 
 impl<'t> Watched<'t> {
+    /// Spends the rest of an interval waiting on QMP rather than asleep, so that a pause, a
+    /// panic, a reset or QEMU's exit is reported when it happens, not at the next pass (which,
+    /// at a long interval, could be minutes later). Returns at `deadline` (never, for an
+    /// interval too long to add to the clock), or early when the guest panicked or was reset.
+    fn wait_until(
+        &mut self,
+        target: &'t Target,
+        profile: &ProfileArgs,
+        cmd: &WatchArgs,
+        sink: &mut EventSink,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        loop {
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() || self.handle_events(target, profile, cmd, sink, left)? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Reports and applies the queued QMP events, first waiting up to `wait` for one; says
     /// whether the guest panicked or was reset. QEMU's exit ends the watch with an error.
     fn handle_events(
