@@ -3,35 +3,17 @@
 
 #![no_main]
 
-use kvmaccess_core::{Gpa, Gva, PhysRange, PhysicalMemory};
+use kvmaccess_core::Gva;
 use kvmaccess_x86::{
     read_virt, translate_range, translate_with, AddressSpace, PagingMode, TranslationCache,
     WalkOptions,
 };
 use libfuzzer_sys::fuzz_target;
 
-/// Guest RAM at physical address 0, backed by the fuzz input.
-struct FuzzMemory {
-    bytes: Vec<u8>,
-    ranges: [PhysRange; 1],
-}
+#[path = "common/memory.rs"]
+mod memory;
 
-impl PhysicalMemory for FuzzMemory {
-    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), kvmaccess_core::Error> {
-        let unmapped = kvmaccess_core::Error::PhysUnmapped { gpa };
-        let start = usize::try_from(gpa.0).map_err(|_| unmapped)?;
-        let src = start
-            .checked_add(buf.len())
-            .and_then(|end| self.bytes.get(start..end))
-            .ok_or(kvmaccess_core::Error::PhysUnmapped { gpa })?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn ranges(&self) -> &[PhysRange] {
-        &self.ranges
-    }
-}
+use memory::FuzzMemory;
 
 const HEADER: usize = 1 + 8 + 8 + 2 + 1;
 
@@ -53,13 +35,7 @@ fuzz_target!(|data: &[u8]| {
         3 | 4 => PagingMode::Level4,
         _ => PagingMode::Level5,
     };
-    let memory = FuzzMemory {
-        bytes: data[HEADER..].to_vec(),
-        ranges: [PhysRange {
-            start: Gpa(0),
-            end: Gpa(u64::try_from(data.len() - HEADER).unwrap_or(0)),
-        }],
-    };
+    let memory = FuzzMemory::new(&data[HEADER..]);
     let mut cr3 = u64_at(data, 1);
     // Most of the time keep the root inside the input so that walks go deep.
     if control & 0x08 == 0 {

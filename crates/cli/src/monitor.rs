@@ -12,9 +12,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use kvmaccess_core::{Gva, PhysicalMemoryWrite};
 use kvmaccess_integrity::{
-    apply_write, capture_baseline, hidden_modules, module_spans, restore_plan, run_checks,
-    Baseline, CheckSet, Context, Finding, ModuleSpan, ModuleTracker, Report, Restore, Severity,
-    CHECKS,
+    apply_write, capture_baseline, listed_and_hidden_modules, module_spans, restore_plan,
+    run_checks, Baseline, CheckSet, Context, Finding, ModuleSpan, ModuleTracker, Report, Restore,
+    Severity, CHECKS,
 };
 use kvmaccess_linux::{Kernel, ModuleOffsets};
 use kvmaccess_x86::AddressSpace;
@@ -149,8 +149,8 @@ fn current_module_spans(
 ) -> Vec<ModuleSpan> {
     types
         .and_then(|t| ModuleOffsets::from_types(t).ok())
-        .and_then(|off| kernel.modules(&off).ok().map(|m| (off, m)))
-        .map(|(off, listed)| module_spans(&listed, &hidden_modules(kernel, &off, &listed)))
+        .and_then(|off| listed_and_hidden_modules(kernel, &off).ok())
+        .map(|(listed, hidden)| module_spans(&listed, &hidden))
         .unwrap_or_default()
 }
 

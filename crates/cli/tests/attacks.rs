@@ -680,26 +680,43 @@ fn hidden_module_and_hidden_process_are_found() {
     guest.console(&format!("kill {pid}"));
     assert_clean(&guest, &base, &[], "after rmmod (hideproc)");
 
-    // A hook into a module that then hid itself: attributed to it, by function, as hidden.
-    let mut watch = guest.watch(&base, "hidehook.log", &["--interval", "1s", "--no-info"]);
-    let (_, finding) = attack_and_expect(
-        &guest,
-        &mut watch,
-        &format!("insmod {KO} attack=syscall,hide"),
-        "the hook into the hidden module",
-        |l| l["check"] == "syscalls",
-    );
-    let owner = text(&finding["owner"]);
-    assert!(
-        owner.starts_with("module kvma_attack (hidden from the module list) text")
-            && owner.contains("kvma_sct_getppid"),
-        "{finding}"
-    );
-    guest.console("echo 1 > /sys/module/kvma_attack/parameters/unhide && rmmod kvma_attack");
-    watch.wait_for("the hook cleared", WAIT, |l| {
-        l["event"] == "finding-cleared" && text(&l["detail"]).starts_with("syscalls ")
-    });
-    watch.stop();
-    assert_clean(&guest, &base, &[], "after rmmod (hidden hook)");
+    // A hook into a module that then hid itself from the list, then from module_kset too
+    // (only the module address tree still holds it): the module is found, and the hook is
+    // attributed to it by function, as hidden.
+    for (hide, seen_in) in [
+        ("hide", "only in /sys/module (module_kset)"),
+        ("hidesysfs", "only in the module address tree (mod_tree)"),
+    ] {
+        let mut watch = guest.watch(
+            &base,
+            &format!("{hide}-hook.log"),
+            &["--interval", "1s", "--no-info"],
+        );
+        let (_, finding) = attack_and_expect(
+            &guest,
+            &mut watch,
+            &format!("insmod {KO} attack=syscall,{hide}"),
+            "the hidden module",
+            |l| l["check"] == "modules",
+        );
+        assert!(
+            finding["entry"] == "kvma_attack" && text(&finding["actual"]).starts_with(seen_in),
+            "{finding}"
+        );
+        assert_severity(&finding, &["critical"]);
+        let (_, hook) = watch.wait_for("the hook into it", WAIT, |l| l["check"] == "syscalls");
+        let owner = text(&hook["owner"]);
+        assert!(
+            owner.starts_with("module kvma_attack (hidden from the module list) text")
+                && owner.contains("kvma_sct_getppid"),
+            "{hook}"
+        );
+        guest.console("echo 1 > /sys/module/kvma_attack/parameters/unhide && rmmod kvma_attack");
+        watch.wait_for("the hook cleared", WAIT, |l| {
+            l["event"] == "finding-cleared" && text(&l["detail"]).starts_with("syscalls ")
+        });
+        watch.stop();
+        assert_clean(&guest, &base, &[], &format!("after rmmod ({hide}, hook)"));
+    }
     assert_guest_works(&guest);
 }

@@ -44,7 +44,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use finding::{Finding, Severity, Target};
 pub use location::{AddressMap, Location, ModuleSpan, Owner};
-pub use module_tracker::{hidden_modules, module_spans, ModuleTracker};
+pub use module_tracker::{listed_and_hidden_modules, module_spans, ModuleTracker};
 pub use restore::{apply_write, restore_plan, Restore, Write};
 pub use time::rfc3339;
 

@@ -2,20 +2,23 @@
 
 use kvmaccess_linux::{Kernel, KernelTypes, Module, ModuleOffsets, SymbolTable};
 
+use crate::error::Result;
 use crate::location::ModuleSpan;
 
-/// Modules that unlinked themselves from the module list but are still registered in sysfs.
-/// Best effort: an unreadable kset or module is left out.
-pub fn hidden_modules(kernel: &Kernel<'_>, off: &ModuleOffsets, listed: &[Module]) -> Vec<Module> {
-    let Ok(kobjects) = kernel.modules_from_kset(off) else {
-        return Vec::new();
-    };
-    kobjects
-        .iter()
-        .filter_map(|k| k.module)
-        .filter(|address| !listed.iter().any(|m| m.address == *address))
-        .filter_map(|address| kernel.module_at(off, address).ok())
-        .collect()
+/// The module list, and the modules that unlinked themselves from it but that sysfs or the
+/// module address tree still shows (those whose `struct module` could be read). Best effort
+/// beyond the list: when another view cannot be read, no hidden module is given.
+pub fn listed_and_hidden_modules(
+    kernel: &Kernel<'_>,
+    off: &ModuleOffsets,
+) -> Result<(Vec<Module>, Vec<Module>)> {
+    match crate::checks::modules::views(kernel, off) {
+        Ok((listed, hidden)) => Ok((
+            listed,
+            hidden.into_iter().filter_map(|h| h.module).collect(),
+        )),
+        Err(_) => Ok((kernel.modules(off)?, Vec::new())),
+    }
 }
 
 /// Address ranges of the listed modules and of the hidden ones, marked hidden: a hook into a
@@ -104,10 +107,9 @@ impl ModuleTracker {
         let Some(off) = self.offsets.clone() else {
             return;
         };
-        let Ok(listed) = kernel.modules(&off) else {
+        let Ok((listed, hidden)) = listed_and_hidden_modules(kernel, &off) else {
             return;
         };
-        let hidden = hidden_modules(kernel, &off, &listed);
         self.spans = module_spans(&listed, &hidden);
         // A hidden module's symbols are merged too: a hook into it is named by its function.
         let modules = [listed, hidden].concat();

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use kvmaccess_core::{Gpa, Gva, Registers};
 use kvmaccess_linux::modules::ModuleLayoutOffsets;
+use kvmaccess_linux::ModTreeOffsets;
 use kvmaccess_linux::{
-    Kernel, KernelLayout, KernelProfile, LayoutSource, ModuleOffsets, Provenance, Symbol,
-    SymbolSource, SymbolTable, TaskOffsets, VmcoreinfoSource,
+    Kernel, KernelLayout, KernelProfile, ModuleOffsets, Provenance, Symbol, SymbolTable,
+    TaskOffsets,
 };
 use kvmaccess_testkit::{MapFlags, MockMemory, PageSize, PageTableBuilder, TableFormat};
 use kvmaccess_x86::PagingMode;
@@ -139,14 +140,7 @@ impl World {
             vmcoreinfo: None,
             banner: None,
             symbols: SymbolTable::new(self.symbols.borrow().clone()),
-            provenance: Provenance {
-                vmcoreinfo: VmcoreinfoSource::Absent("test".into()),
-                layout: LayoutSource::Vmcoreinfo,
-                symbols: SymbolSource::Absent("test".into()),
-                checks: vec![],
-                missing: vec![],
-                steps: vec![],
-            },
+            provenance: Provenance::supplied("the test"),
         };
         Kernel::from_profile(&self.mem, profile)
     }
@@ -222,6 +216,7 @@ fn module_offsets() -> ModuleOffsets {
         kset_list: 0,
         kobj_entry: 8,
         kobj_name: 0,
+        tree: None,
     }
 }
 
@@ -340,6 +335,65 @@ fn hidden_modules_and_module_changes() {
     let errors: Vec<_> = r.errors().collect();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].1.contains("modules"), "{errors:?}");
+}
+
+/// A module that removed itself from the list and from sysfs is still in the module address
+/// tree: found there, and given to the monitor as hidden.
+#[test]
+fn a_module_gone_from_list_and_sysfs_is_found_in_the_module_tree() {
+    let w = World::new();
+    let mut ms = Modules::new(&w);
+    let tree = ModTreeOffsets {
+        root: 8,
+        rb_left: 16,
+        rb_right: 8,
+        node_mod: 0,
+        node_rb: 8,
+    };
+    ms.off.tree = Some(tree.clone());
+    let good = ms.module("good", MODULE_BASE + 0x10_0000, 0x4000, 0);
+    let evil = ms.module("evil", MODULE_BASE, 0x2000, (1 << 12) | (1 << 13));
+    let node = |module: u64, left: u64| {
+        let n = w.alloc(40);
+        w.u64(n + tree.node_mod, module);
+        w.u64(n + tree.node_rb + tree.rb_left, left);
+        n + tree.node_rb
+    };
+    let root = node(good, node(evil, 0));
+    let mod_tree = w.alloc(64);
+    w.u64(mod_tree + tree.root, root);
+    w.symbol("mod_tree", mod_tree);
+    let kernel = w.kernel();
+    let checks = set(ModulesCheck::with_offsets(ms.off.clone()));
+    let baseline = capture_baseline(&ctx(&kernel), &checks).unwrap();
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+
+    w.unlink(ms.head, evil + ms.off.list);
+    w.unlink(ms.kset, evil + ms.off.mkobj + ms.off.kobj_entry);
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    assert_eq!(
+        summary(&r),
+        [(Severity::Critical, "hidden-module", "evil".to_string())]
+    );
+    let f = &r.findings[0];
+    let seen_in = "only in the module address tree (mod_tree), not in /sys/module either";
+    assert!(
+        f.actual.starts_with(seen_in) && f.explanation.contains("and from sysfs"),
+        "{f:?}"
+    );
+    let (listed, hidden) = listed_and_hidden_modules(&kernel, &ms.off).unwrap();
+    let names =
+        |ms: &[kvmaccess_linux::Module]| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        (names(&listed), names(&hidden)),
+        (vec!["good".to_string()], vec!["evil".to_string()])
+    );
+
+    // Back on the list: nothing hidden, though sysfs still lacks it.
+    w.append(ms.head, evil + ms.off.list);
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
 }
 
 /// Where a module's symbol table lives: `struct module.kallsyms` points at a `mod_kallsyms`.

@@ -1,7 +1,8 @@
 //! The view-comparison checks (`modules`, `tasks`, `ftrace`) against the project's real test
 //! guest (Debian 6.1 cloud kernel, QEMU TCG, one vCPU) and its test-only rootkit module
 //! `kvma_attack`: quiet on a clean guest (also with the function tracer on), then each attack
-//! from inside the guest is found and named: a module hidden from the module list, a process
+//! from inside the guest is found and named: a module hidden from the module list (and from
+//! sysfs, so that only the module address tree holds it), a process
 //! hidden from the task list, an ftrace ops redirecting `__x64_sys_getpid`.
 //!
 //! The guest is `make guest`'s kernel and initramfs (with `/lib/modules/kvma_attack.ko`), found
@@ -211,32 +212,48 @@ fn hidden_modules_processes_and_ftrace_hooks_are_found() {
     );
     assert!(m.pass(&baseline).findings.is_empty());
 
-    // Both: the hook's callback is in a module the address map does not know; named anyway.
-    sh(&mut console, &format!("insmod {KO} attack=hide,ftrace"));
-    let r = m.pass(&baseline);
-    let mut a: Vec<(&str, &str, Severity)> = alarms(&r)
-        .iter()
-        .map(|f| (f.check, f.class, f.severity))
-        .collect();
-    a.sort();
-    assert_eq!(
-        a,
-        [
-            ("ftrace", "ftrace-hook", Severity::Critical),
-            ("modules", "hidden-module", Severity::Critical)
-        ]
-    );
-    let f = r.findings.iter().find(|f| f.check == "ftrace").unwrap();
-    assert!(
-        f.explanation
-            .starts_with("module kvma_attack, hidden from the module list, hooks"),
-        "{f}"
-    );
-    sh(
-        &mut console,
-        "echo 1 > /sys/module/kvma_attack/parameters/unhide && rmmod kvma_attack",
-    );
-    assert!(m.pass(&baseline).findings.is_empty());
+    // An ftrace hook from a module hidden from the list, then from module_kset too (only the
+    // module address tree holds it): its callback is in a module the address map does not
+    // know, and is named anyway.
+    for (hide, seen_in) in [
+        ("hide", "only in /sys/module (module_kset)"),
+        (
+            "hidesysfs",
+            "only in the module address tree (mod_tree), not in /sys/module",
+        ),
+    ] {
+        sh(&mut console, &format!("insmod {KO} attack={hide},ftrace"));
+        let r = m.pass(&baseline);
+        let mut a: Vec<(&str, &str, Severity)> = alarms(&r)
+            .iter()
+            .map(|f| (f.check, f.class, f.severity))
+            .collect();
+        a.sort();
+        assert_eq!(
+            a,
+            [
+                ("ftrace", "ftrace-hook", Severity::Critical),
+                ("modules", "hidden-module", Severity::Critical)
+            ],
+            "{hide}: {r:#?}"
+        );
+        let f = r.findings.iter().find(|f| f.check == "modules").unwrap();
+        assert!(
+            f.entry == "kvma_attack" && f.actual.starts_with(seen_in),
+            "{hide}: {f}"
+        );
+        let f = r.findings.iter().find(|f| f.check == "ftrace").unwrap();
+        assert!(
+            f.explanation
+                .starts_with("module kvma_attack, hidden from the module list, hooks"),
+            "{hide}: {f}"
+        );
+        sh(
+            &mut console,
+            "echo 1 > /sys/module/kvma_attack/parameters/unhide && rmmod kvma_attack",
+        );
+        assert!(m.pass(&baseline).findings.is_empty());
+    }
 
     // hideproc: a sleeping process unlinked from the task list.
     let out = sh(

@@ -46,7 +46,8 @@ pub use layout::{
     read_banner, Banner, KernelLayout, RegisterFallback, DEFAULT_TEXT, START_KERNEL_MAP,
 };
 pub use modules::{
-    Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind, ModuleSymbolsMerged,
+    ModTreeOffsets, Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind,
+    ModuleSymbolsMerged,
 };
 pub use owners::{KernelSection, Owner, Owners};
 pub use profile_cache::{CacheReport, CacheUse, ProfileCache};
@@ -176,6 +177,19 @@ pub struct Provenance {
 }
 
 impl Provenance {
+    /// The provenance of a profile whose parts the caller supplied rather than discovered (a
+    /// layout and symbols known from elsewhere, tests, fuzzing): `by` names the supplier.
+    pub fn supplied(by: &str) -> Self {
+        Self {
+            vmcoreinfo: VmcoreinfoSource::Absent(format!("supplied by {by}")),
+            layout: LayoutSource::Vmcoreinfo,
+            symbols: SymbolSource::Absent(format!("supplied by {by}")),
+            checks: Vec::new(),
+            missing: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
+
     /// Sum of the step times.
     pub fn total(&self) -> Duration {
         self.steps.iter().map(|s| s.duration).sum()

@@ -216,6 +216,39 @@ pub struct ModuleOffsets {
     pub kobj_entry: u64,
     /// `kobject.name`.
     pub kobj_name: u64,
+    /// The module address tree, when the kernel keeps one (CONFIG_MODULES_TREE_LOOKUP).
+    pub tree: Option<ModTreeOffsets>,
+}
+
+/// Where the module address tree (`mod_tree`) keeps its nodes. The kernel looks an address
+/// up in it to find its module (exception tables, stack traces, kallsyms), so a module that
+/// unlinked itself from the list and from sysfs usually stays in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModTreeOffsets {
+    /// The first of the latch tree's two copies (`mod_tree_root.root.tree[0]`, an `rb_root`)
+    /// from the start of `mod_tree`.
+    pub root: u64,
+    /// `rb_node.rb_left`.
+    pub rb_left: u64,
+    /// `rb_node.rb_right`.
+    pub rb_right: u64,
+    /// `mod_tree_node.mod`.
+    pub node_mod: u64,
+    /// The `rb_node` of copy 0 in a `mod_tree_node` (`mod_tree_node.node.node[0]`).
+    pub node_rb: u64,
+}
+
+impl ModTreeOffsets {
+    fn from_types(types: &KernelTypes) -> Result<Self> {
+        Ok(Self {
+            root: types.offset_of("mod_tree_root", "root.tree")?
+                + types.offset_of("rb_root", "rb_node")?,
+            rb_left: types.offset_of("rb_node", "rb_left")?,
+            rb_right: types.offset_of("rb_node", "rb_right")?,
+            node_mod: types.offset_of("mod_tree_node", "mod")?,
+            node_rb: types.offset_of("mod_tree_node", "node.node")?,
+        })
+    }
 }
 
 impl ModuleOffsets {
@@ -312,6 +345,7 @@ impl ModuleOffsets {
             kset_list: types.offset_of("kset", "list")?,
             kobj_entry: types.offset_of("kobject", "entry")?,
             kobj_name: types.offset_of("kobject", "name")?,
+            tree: ModTreeOffsets::from_types(types).ok(),
         })
     }
 }
@@ -641,6 +675,70 @@ impl Kernel<'_> {
         Ok(out)
     }
 
+    /// The `struct module`s in the module address tree (`mod_tree`), deduplicated (a module
+    /// has a node per memory region it registered), in address order. Empty when the kernel
+    /// keeps no tree (no offsets for it, or no `mod_tree` symbol).
+    ///
+    /// The tree is guest memory like any other: a walk that meets a node twice (a cycle, or
+    /// two parents) fails with [`Error::ListCycle`], and one with more nodes than
+    /// [`MAX_MODULES`] modules could register fails with [`Error::ListTooLong`].
+    pub fn modules_from_tree(&self, off: &ModuleOffsets) -> Result<Vec<u64>> {
+        /// Regions a module registers in the tree (6.4+: one per `mod_mem_type`).
+        const NODES_PER_MODULE: usize = 8;
+        let Some(t) = &off.tree else {
+            return Ok(Vec::new());
+        };
+        let Ok(tree) = self.symbol("mod_tree") else {
+            return Ok(Vec::new());
+        };
+        let root = add(tree, t.root, "mod_tree root")?;
+        let first = read_ptr(self, root, || "mod_tree root".into())?;
+        let limit = MAX_MODULES.saturating_mul(NODES_PER_MODULE);
+        let mut seen = std::collections::HashSet::new();
+        let mut modules = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        // In-order walk with an explicit stack: the tree's depth is the guest's to choose.
+        let mut stack: Vec<u64> = Vec::new();
+        let mut at = first;
+        loop {
+            while at != 0 {
+                if !seen.insert(at) {
+                    return Err(Error::ListCycle {
+                        list: "mod_tree".into(),
+                        head: root,
+                        at,
+                        walked: seen.len(),
+                    });
+                }
+                if seen.len() > limit {
+                    return Err(Error::ListTooLong {
+                        list: "mod_tree".into(),
+                        head: root,
+                        limit,
+                    });
+                }
+                stack.push(at);
+                at = read_ptr(self, add(at, t.rb_left, "rb_node.rb_left")?, || {
+                    format!("mod_tree node {at:#x}")
+                })?;
+            }
+            let Some(node) = stack.pop() else {
+                break;
+            };
+            let mtn = container(node, t.node_rb, "mod_tree_node.node")?;
+            let module = read_ptr(self, add(mtn, t.node_mod, "mod_tree_node.mod")?, || {
+                format!("mod_tree node {node:#x}")
+            })?;
+            if module != 0 && listed.insert(module) {
+                modules.push(module);
+            }
+            at = read_ptr(self, add(node, t.rb_right, "rb_node.rb_right")?, || {
+                format!("mod_tree node {node:#x}")
+            })?;
+        }
+        Ok(modules)
+    }
+
     /// The symbols of one module, as `/proc/kallsyms` lists them: entries with an empty name
     /// are left out, names are cut at `KSYM_NAME_LEN`, types come from the module's `typetab`.
     pub fn module_symbols(&self, off: &ModuleOffsets, module: &Module) -> Result<Vec<Symbol>> {
@@ -876,7 +974,62 @@ mod tests {
             kset_list: 0,
             kobj_entry: 8,
             kobj_name: 0,
+            tree: Some(ModTreeOffsets {
+                root: 8,
+                rb_left: 16,
+                rb_right: 8,
+                node_mod: 0,
+                node_rb: 8,
+            }),
         }
+    }
+
+    /// A `mod_tree_node` for `module` with children `left` and `right` (node addresses or 0);
+    /// returns the address of its `rb_node`.
+    fn tree_node(fake: &Fake, module: u64, left: u64, right: u64) -> u64 {
+        let t = offsets().tree.unwrap();
+        let node = fake.alloc(40);
+        fake.u64(node + t.node_mod, module);
+        let rb = node + t.node_rb;
+        fake.u64(rb + t.rb_left, left);
+        fake.u64(rb + t.rb_right, right);
+        rb
+    }
+
+    #[test]
+    fn module_tree_is_walked_in_order_once_per_module_and_bounded() {
+        let fake = Fake::new();
+        let o = offsets();
+        let t = o.tree.clone().unwrap();
+        let (alpha, beta, gamma) = (0x1000u64, 0x2000, 0x3000);
+        // alpha's core and init regions, beta, gamma: beta at the root.
+        let alpha_core = tree_node(&fake, alpha, 0, 0);
+        let alpha_init = tree_node(&fake, alpha, alpha_core, 0);
+        let gamma_core = tree_node(&fake, gamma, 0, 0);
+        let root = tree_node(&fake, beta, alpha_init, gamma_core);
+        let mod_tree = fake.alloc(64);
+        fake.u64(mod_tree + t.root, root);
+        let kernel = fake.kernel(vec![Symbol::new("mod_tree", mod_tree, 'd')]);
+        assert_eq!(kernel.modules_from_tree(&o).unwrap(), [alpha, beta, gamma]);
+
+        // A kernel without the tree: no third view, not an error.
+        let no_tree = ModuleOffsets {
+            tree: None,
+            ..o.clone()
+        };
+        assert!(kernel.modules_from_tree(&no_tree).unwrap().is_empty());
+
+        // A right child pointing back at the root: a cycle, reported.
+        fake.u64(gamma_core + t.rb_right, root);
+        let err = kernel.modules_from_tree(&o).unwrap_err();
+        assert!(
+            matches!(err, Error::ListCycle { at, .. } if at == root),
+            "{err}"
+        );
+
+        // An empty tree.
+        fake.u64(mod_tree + t.root, 0);
+        assert!(kernel.modules_from_tree(&o).unwrap().is_empty());
     }
 
     /// Module area addresses: the top 4 MiB of the fake's direct map.

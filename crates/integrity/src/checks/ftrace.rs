@@ -616,7 +616,7 @@ impl FtraceCheck {
         else {
             return;
         };
-        let Ok((_, hidden)) = super::modules::views(ctx, &moff) else {
+        let Ok((_, hidden)) = super::modules::views(ctx.kernel, &moff) else {
             return;
         };
         let hidden: Vec<kvmaccess_linux::Module> =

@@ -1,7 +1,10 @@
-//! Loaded modules, seen two ways: the `modules` list (what `lsmod` and `/proc/modules` read)
-//! and the sysfs kobjects on `module_kset` (`/sys/module`). A rootkit that unlinks itself from
-//! the list to hide from `lsmod` usually leaves its kobject, because removing it breaks
-//! unloading; that difference is reported as critical on every pass, baseline or not.
+//! Loaded modules, seen three ways: the `modules` list (what `lsmod` and `/proc/modules` read),
+//! the sysfs kobjects on `module_kset` (`/sys/module`), and the module address tree
+//! (`mod_tree`, where the kernel looks up which module an address belongs to). A rootkit that
+//! unlinks itself from the list to hide from `lsmod` usually leaves its kobject, because
+//! removing it breaks unloading; one that removes its kobject too stays in the tree, because
+//! leaving it breaks the module's own exception handling and stack traces. A module another
+//! view holds and the list does not is reported as critical on every pass, baseline or not.
 //!
 //! Against the baseline, modules loaded or unloaded since are reported as information (the
 //! kernel loads modules on demand all the time), with the taints that matter for judging a
@@ -11,11 +14,12 @@
 //! unload, removes the kobject before unlinking it from the list. So reading the list first
 //! and the kset second can only show a module "in the kset but not on the list" if it was
 //! loaded entirely between the two reads; such a candidate is confirmed by reading the list
-//! again before it is reported.
+//! again before it is reported. The list and the tree change together (under the module
+//! mutex), so a module only the tree shows is confirmed by reading both again.
 
 use std::collections::{BTreeMap, HashSet};
 
-use kvmaccess_linux::{Module, ModuleKobject, ModuleOffsets};
+use kvmaccess_linux::{Kernel, Module, ModuleKobject, ModuleOffsets};
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::Blobs;
@@ -24,8 +28,8 @@ use crate::error::Result;
 use crate::finding::{Finding, Severity};
 
 pub(crate) const DESCRIPTION: &str = "the module list against the sysfs module kobjects \
-     (modules hidden from lsmod) and against the baseline (modules loaded, unloaded or \
-     changed since)";
+     and the module address tree (modules hidden from lsmod) and against the baseline \
+     (modules loaded, unloaded or changed since)";
 
 /// Module-list check (`modules`).
 #[derive(Debug, Default)]
@@ -106,48 +110,76 @@ pub(crate) fn taint_text(taints: u64) -> String {
     format!("{letters} ({})", words.join(", "))
 }
 
-/// A module on `module_kset` whose `struct module` is not on the list.
+/// A loadable module whose `struct module` is not on the list but in another view: in the
+/// kset (sysfs), or, when it removed its kobject as well, in the module address tree.
 pub(crate) struct Hidden {
-    pub kobject: ModuleKobject,
+    /// Its `struct module`.
+    pub address: u64,
+    /// Its sysfs kobject, when it kept one.
+    pub kobject: Option<ModuleKobject>,
     /// The module itself, when its `struct module` could be read.
     pub module: Option<Module>,
 }
 
-/// The module list, and the loadable modules that are in the kset but not on it (confirmed by
-/// a second read of the list).
+impl Hidden {
+    fn name(&self) -> String {
+        match (&self.module, &self.kobject) {
+            (Some(m), _) if !m.name.is_empty() => m.name.clone(),
+            (_, Some(k)) => k.name.clone(),
+            _ => format!("struct module at {:#x}", self.address),
+        }
+    }
+}
+
+/// The module list, and the loadable modules that another view holds but the list does not:
+/// the kset, then the module address tree. A candidate is confirmed by reading the list (and
+/// the tree) again, so that a module loaded or unloaded between the reads is not reported.
 pub(crate) fn views(
-    ctx: &Context<'_, '_>,
+    kernel: &Kernel<'_>,
     off: &ModuleOffsets,
 ) -> Result<(Vec<Module>, Vec<Hidden>)> {
-    let listed = ctx.kernel.modules(off)?;
-    let kset = ctx.kernel.modules_from_kset(off)?;
+    let listed = kernel.modules(off)?;
+    let kset = kernel.modules_from_kset(off)?;
+    let tree = kernel.modules_from_tree(off)?;
     let on_list: HashSet<u64> = listed.iter().map(|m| m.address).collect();
-    let mut candidates: Vec<ModuleKobject> = kset
+    let mut candidates: Vec<(u64, Option<ModuleKobject>)> = kset
         .into_iter()
-        .filter(|k| k.module.is_some_and(|m| !on_list.contains(&m)))
+        .filter_map(|k| k.module.map(|m| (m, k)))
+        .filter(|(m, _)| !on_list.contains(m))
+        .map(|(m, k)| (m, Some(k)))
         .collect();
+    let in_kset: HashSet<u64> = candidates.iter().map(|(m, _)| *m).collect();
+    candidates.extend(
+        tree.iter()
+            .filter(|m| !on_list.contains(m) && !in_kset.contains(m))
+            .map(|&m| (m, None)),
+    );
     if candidates.is_empty() {
         return Ok((listed, Vec::new()));
     }
-    let again: HashSet<u64> = ctx.kernel.modules(off)?.iter().map(|m| m.address).collect();
-    candidates.retain(|k| k.module.is_some_and(|m| !again.contains(&m)));
+    // The kernel links a module into the list and the tree together, and unlinks it from
+    // both together after its kobject is gone: one that is in neither list read, and still
+    // in the tree (when the tree is all that shows it), is hidden.
+    let again: HashSet<u64> = kernel.modules(off)?.iter().map(|m| m.address).collect();
+    let tree_again: HashSet<u64> = if candidates.iter().any(|(_, k)| k.is_none()) {
+        kernel.modules_from_tree(off)?.into_iter().collect()
+    } else {
+        HashSet::new()
+    };
+    candidates.retain(|(m, k)| !again.contains(m) && (k.is_some() || tree_again.contains(m)));
     let hidden = candidates
         .into_iter()
-        .map(|kobject| {
-            let module = kobject
-                .module
-                .and_then(|m| ctx.kernel.module_at(off, m).ok());
-            Hidden { kobject, module }
+        .map(|(address, kobject)| Hidden {
+            address,
+            kobject,
+            module: kernel.module_at(off, address).ok(),
         })
         .collect();
     Ok((listed, hidden))
 }
 
 fn hidden_finding(ctx: &Context<'_, '_>, h: &Hidden) -> Finding {
-    let name = match &h.module {
-        Some(m) if !m.name.is_empty() => m.name.clone(),
-        _ => h.kobject.name.clone(),
-    };
+    let name = h.name();
     let mut f = ctx.finding(
         "modules",
         Severity::Critical,
@@ -156,9 +188,19 @@ fn hidden_finding(ctx: &Context<'_, '_>, h: &Hidden) -> Finding {
         name.clone(),
     );
     f.expected = "on the module list (lsmod, /proc/modules)".into();
+    let (seen_in, still) = match h.kobject {
+        Some(_) => (
+            "only in /sys/module (module_kset)",
+            "still registered in sysfs",
+        ),
+        None => (
+            "only in the module address tree (mod_tree), not in /sys/module either",
+            "and from sysfs; still in the kernel's module address tree",
+        ),
+    };
     f.actual = format!(
-        "only in /sys/module (module_kset), struct module at {:#x}{}",
-        h.kobject.module.unwrap_or(0),
+        "{seen_in}, struct module at {:#x}{}",
+        h.address,
         h.module
             .as_ref()
             .map(|m| format!(
@@ -172,8 +214,8 @@ fn hidden_finding(ctx: &Context<'_, '_>, h: &Hidden) -> Finding {
     );
     f.owner = Some(format!("module {name}"));
     f.explanation = format!(
-        "module {name} is hidden from the module list (still registered in sysfs): lsmod and \
-         /proc/modules do not show it, which only a rootkit does"
+        "module {name} is hidden from the module list ({still}): lsmod and /proc/modules do \
+         not show it, which only a rootkit does"
     );
     f
 }
@@ -193,7 +235,7 @@ impl Check for ModulesCheck {
             .get(ctx, |t| Ok(ModuleOffsets::from_types(t)?))?;
         // The kset is read too, so that a baseline cannot be taken where the views are
         // unreadable; hidden modules are not recorded: they are reported on every pass.
-        let (listed, _) = views(ctx, &off)?;
+        let (listed, _) = views(ctx.kernel, &off)?;
         let state = ModulesState {
             modules: listed.iter().map(state_of).collect(),
         };
@@ -205,7 +247,7 @@ impl Check for ModulesCheck {
         let off = self
             .offsets
             .get(ctx, |t| Ok(ModuleOffsets::from_types(t)?))?;
-        let (listed, hidden) = views(ctx, &off)?;
+        let (listed, hidden) = views(ctx.kernel, &off)?;
         let mut out: Vec<Finding> = hidden.iter().map(|h| hidden_finding(ctx, h)).collect();
 
         let was: BTreeMap<&str, &ModuleState> =
@@ -275,14 +317,7 @@ impl Check for ModulesCheck {
                 out.push(f);
             }
         }
-        let hidden_names: HashSet<String> = hidden
-            .iter()
-            .map(|h| {
-                h.module
-                    .as_ref()
-                    .map_or_else(|| h.kobject.name.clone(), |m| m.name.clone())
-            })
-            .collect();
+        let hidden_names: HashSet<String> = hidden.iter().map(Hidden::name).collect();
         for (name, old) in &was {
             // A hidden module is reported as such, not as unloaded.
             if now.contains_key(name) || hidden_names.contains(*name) {
