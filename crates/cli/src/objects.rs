@@ -143,8 +143,12 @@ pub fn ps(args: &TargetArgs, cmd: &PsArgs, json: bool) -> Result<()> {
 pub struct LsmodArgs {
     /// Show the sysfs (kobject) view of modules instead of the module list; a module that
     /// unlinked itself from the list still shows here.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tree")]
     kset: bool,
+    /// Show the modules in the kernel's module address tree (`mod_tree`) instead of the module
+    /// list; a module that unlinked itself from the list and from sysfs still shows here.
+    #[arg(long)]
+    tree: bool,
 }
 
 pub fn lsmod(args: &TargetArgs, cmd: &LsmodArgs, json: bool) -> Result<()> {
@@ -170,7 +174,15 @@ pub fn lsmod(args: &TargetArgs, cmd: &LsmodArgs, json: bool) -> Result<()> {
         out!("{text}");
         return Ok(());
     }
-    let modules = kernel.modules(&off)?;
+    let modules = if cmd.tree {
+        kernel
+            .modules_from_tree(&off)?
+            .into_iter()
+            .map(|address| kernel.module_at(&off, address))
+            .collect::<kvmaccess_linux::Result<Vec<_>>>()?
+    } else {
+        kernel.modules(&off)?
+    };
     if json {
         return print_json(&modules);
     }

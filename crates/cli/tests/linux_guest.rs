@@ -193,6 +193,25 @@ fn linux_layer(extra_append: &str) {
         })
         .collect();
     assert_eq!(ours, theirs);
+    // The module address tree holds the same modules, in address order.
+    let tree = guest.run(&["--json", "lsmod", "--tree"]).ok().json();
+    let bases: Vec<u64> = tree
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| num(&m["base"]))
+        .collect();
+    assert!(bases.windows(2).all(|w| w[0] < w[1]), "{tree}");
+    let names = |set: &BTreeSet<(String, u64, u64)>| {
+        set.iter().map(|(n, ..)| n.clone()).collect::<BTreeSet<_>>()
+    };
+    let in_tree: BTreeSet<String> = tree
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["name"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(in_tree, names(&theirs));
     let module_syms = guest.console("grep '\\[qemu_fw_cfg\\]' /proc/kallsyms | sort");
     let ours = guest
         .run(&["symbols", "--module", "qemu_fw_cfg"])
