@@ -4,9 +4,9 @@
 //! compared with the baseline copy in 64 KiB blocks where the backend holds guest memory (a
 //! live guest's mapped RAM is not copied first), so a clean pass costs two memory streams. A
 //! block that differs is read into one reused buffer, and only its 4 KiB pages that differ are
-//! looked at further; a page whose differences were all classified as legitimate is remembered with its
-//! bytes, so a kernel that stays in a patched state (tracing on, a static key flipped) is not
-//! re-classified every pass.
+//! looked at further; a page whose differences were all classified as legitimate is
+//! remembered with its bytes, so a kernel that stays in a patched state (tracing on, a static
+//! key flipped) is not re-classified every pass.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
