@@ -607,8 +607,9 @@ fn finding(ctx: &Context<'_, '_>, h: &Hook, baselined: bool) -> Finding {
 impl FtraceCheck {
     /// Unowned callbacks may sit in a module that unlinked itself from the module list, which
     /// the caller's address map leaves out unless the caller found it (a watch does): look for
-    /// it among the modules only sysfs still knows, and name it as the map would. Best effort:
-    /// without module offsets the callback stays "unowned", which is graded the same.
+    /// it among the modules only sysfs or the module address tree still know, and name it as
+    /// the map would. Best effort: without module offsets the callback stays "unowned", which
+    /// is graded the same.
     fn name_hidden_owners(&self, ctx: &Context<'_, '_>, hooks: &mut [Hook]) {
         let Ok(moff) = self
             .module_offsets
@@ -625,7 +626,7 @@ impl FtraceCheck {
             return;
         }
         let mut map = ctx.map.clone();
-        let mut spans = map.modules.clone();
+        let mut spans = std::mem::take(&mut map.modules);
         spans.extend(crate::module_spans(&[], &hidden));
         map.set_modules(spans);
         for h in hooks.iter_mut().filter(|h| h.owner == Owner::Unowned) {
