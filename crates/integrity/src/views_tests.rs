@@ -337,6 +337,50 @@ fn hidden_modules_and_module_changes() {
     assert!(errors[0].1.contains("modules"), "{errors:?}");
 }
 
+/// The kset's names are read only for modules the list lacks: a kobject whose name cannot be
+/// read neither fails the check (a built-in one) nor spares a hidden module its finding.
+#[test]
+fn unreadable_kobject_names_do_not_blind_the_modules_check() {
+    const UNMAPPED: u64 = 0xffff_c900_dead_0000;
+    let w = World::new();
+    let ms = Modules::new(&w);
+    ms.module("good", MODULE_BASE + 0x10_0000, 0x4000, 0);
+    let builtin = w.alloc(0x60);
+    w.u64(builtin, UNMAPPED);
+    w.append(ms.kset, builtin + ms.off.kobj_entry);
+    let kernel = w.kernel();
+    assert!(kernel.kobject_name(&ms.off, builtin).is_err());
+    let checks = set(ModulesCheck::with_offsets(ms.off.clone()));
+    let baseline = capture_baseline(&ctx(&kernel), &checks).unwrap();
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    assert!(
+        r.findings.is_empty() && r.errors().next().is_none(),
+        "{r:#?}"
+    );
+
+    let evil = ms.module("evil", MODULE_BASE, 0x2000, 0);
+    w.unlink(ms.head, evil + ms.off.list);
+    w.u64(evil + ms.off.mkobj + ms.off.kobj_name, UNMAPPED);
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    assert_eq!(
+        summary(&r),
+        [(Severity::Critical, "hidden-module", "evil".to_string())]
+    );
+    // A kobject whose name and struct module both cannot be read is named by that address.
+    let ghost = w.alloc(0x60);
+    w.u64(ghost + ms.off.kobj_name, UNMAPPED);
+    w.u64(ghost + ms.off.mk_mod, UNMAPPED + 0x1000);
+    w.append(ms.kset, ghost + ms.off.kobj_entry);
+    let r = run_checks(&ctx(&kernel), &baseline, &checks).unwrap();
+    let entries: Vec<&str> = r.findings.iter().map(|f| f.entry.as_str()).collect();
+    assert_eq!(
+        entries,
+        ["evil", "struct module at 0xffffc900dead1000"],
+        "{:#?}",
+        r.findings
+    );
+}
+
 /// A module that removed itself from the list and from sysfs is still in the module address
 /// tree: found there, and given to the monitor as hidden.
 #[test]

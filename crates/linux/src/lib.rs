@@ -46,8 +46,8 @@ pub use layout::{
     read_banner, Banner, KernelLayout, RegisterFallback, DEFAULT_TEXT, START_KERNEL_MAP,
 };
 pub use modules::{
-    ModTreeOffsets, Module, ModuleKobject, ModuleOffsets, ModuleRegion, ModuleRegionKind,
-    ModuleSymbolsMerged,
+    KsetEntry, ModTreeOffsets, Module, ModuleKobject, ModuleOffsets, ModuleRegion,
+    ModuleRegionKind, ModuleSymbolsMerged,
 };
 pub use owners::{KernelSection, Owner, Owners};
 pub use profile_cache::{CacheReport, CacheUse, ProfileCache};

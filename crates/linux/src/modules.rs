@@ -455,6 +455,15 @@ pub struct ModuleKobject {
     pub module: Option<u64>,
 }
 
+/// A kobject on `module_kset`, before its name is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KsetEntry {
+    /// Address of the kobject (`module_kobject.kobj`).
+    pub kobject: u64,
+    /// `module_kobject.mod`: the `struct module` of a loadable module, `None` for built-in ones.
+    pub module: Option<u64>,
+}
+
 /// The result of merging module symbols into the kernel's table.
 #[derive(Debug, Default)]
 pub struct ModuleSymbolsMerged {
@@ -641,6 +650,22 @@ impl Kernel<'_> {
     /// Kobjects on `module_kset` (sysfs `/sys/module`): every loadable module plus built-in
     /// modules with parameters (whose `module` is `None`).
     pub fn modules_from_kset(&self, off: &ModuleOffsets) -> Result<Vec<ModuleKobject>> {
+        self.module_kset_entries(off)?
+            .into_iter()
+            .map(|e| {
+                Ok(ModuleKobject {
+                    kobject: e.kobject,
+                    name: self.kobject_name(off, e.kobject)?,
+                    module: e.module,
+                })
+            })
+            .collect()
+    }
+
+    /// [`Kernel::modules_from_kset`] without the names. The kset holds a kobject for every
+    /// built-in module with parameters too (a hundred or more), and a monitor comparing views
+    /// every pass needs the names only of the few that the module list lacks.
+    pub fn module_kset_entries(&self, off: &ModuleOffsets) -> Result<Vec<KsetEntry>> {
         let kset = read_ptr(self, self.symbol("module_kset")?, || "module_kset".into())?;
         if kset == 0 {
             return Ok(Vec::new());
@@ -651,28 +676,31 @@ impl Kernel<'_> {
                 format!("module_kset list entry {n:#x}")
             })
         })?;
-        let mut out = Vec::with_capacity(nodes.len());
-        for node in nodes {
-            let kobject = container(node, off.kobj_entry, "kobject.entry")?;
-            let name_ptr = read_ptr(self, add(kobject, off.kobj_name, "kobject.name")?, || {
-                format!("kobject at {kobject:#x}")
-            })?;
-            let name = if name_ptr == 0 {
-                String::new()
-            } else {
-                read_c_string(self, name_ptr, MAX_KOBJECT_NAME)?
-            };
-            let mk = container(kobject, off.mk_kobj, "module_kobject.kobj")?;
-            let module = read_ptr(self, add(mk, off.mk_mod, "module_kobject.mod")?, || {
-                format!("module_kobject at {mk:#x}")
-            })?;
-            out.push(ModuleKobject {
-                kobject,
-                name,
-                module: (module != 0).then_some(module),
-            });
+        nodes
+            .into_iter()
+            .map(|node| {
+                let kobject = container(node, off.kobj_entry, "kobject.entry")?;
+                let mk = container(kobject, off.mk_kobj, "module_kobject.kobj")?;
+                let module = read_ptr(self, add(mk, off.mk_mod, "module_kobject.mod")?, || {
+                    format!("module_kobject at {mk:#x}")
+                })?;
+                Ok(KsetEntry {
+                    kobject,
+                    module: (module != 0).then_some(module),
+                })
+            })
+            .collect()
+    }
+
+    /// The name of a kobject on `module_kset` (empty when it has none).
+    pub fn kobject_name(&self, off: &ModuleOffsets, kobject: u64) -> Result<String> {
+        let name_ptr = read_ptr(self, add(kobject, off.kobj_name, "kobject.name")?, || {
+            format!("kobject at {kobject:#x}")
+        })?;
+        if name_ptr == 0 {
+            return Ok(String::new());
         }
-        Ok(out)
+        read_c_string(self, name_ptr, MAX_KOBJECT_NAME)
     }
 
     /// The `struct module`s in the module address tree (`mod_tree`), deduplicated (a module

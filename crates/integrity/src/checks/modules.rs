@@ -125,7 +125,7 @@ impl Hidden {
     fn name(&self) -> String {
         match (&self.module, &self.kobject) {
             (Some(m), _) if !m.name.is_empty() => m.name.clone(),
-            (_, Some(k)) => k.name.clone(),
+            (_, Some(k)) if !k.name.is_empty() => k.name.clone(),
             _ => format!("struct module at {:#x}", self.address),
         }
     }
@@ -139,14 +139,14 @@ pub(crate) fn views(
     off: &ModuleOffsets,
 ) -> Result<(Vec<Module>, Vec<Hidden>)> {
     let listed = kernel.modules(off)?;
-    let kset = kernel.modules_from_kset(off)?;
+    let kset = kernel.module_kset_entries(off)?;
     let tree = kernel.modules_from_tree(off)?;
     let on_list: HashSet<u64> = listed.iter().map(|m| m.address).collect();
-    let mut candidates: Vec<(u64, Option<ModuleKobject>)> = kset
+    let mut candidates: Vec<(u64, Option<u64>)> = kset
         .into_iter()
-        .filter_map(|k| k.module.map(|m| (m, k)))
+        .filter_map(|e| e.module.map(|m| (m, e.kobject)))
         .filter(|(m, _)| !on_list.contains(m))
-        .map(|(m, k)| (m, Some(k)))
+        .map(|(m, kobject)| (m, Some(kobject)))
         .collect();
     let in_kset: HashSet<u64> = candidates.iter().map(|(m, _)| *m).collect();
     candidates.extend(
@@ -171,7 +171,13 @@ pub(crate) fn views(
         .into_iter()
         .map(|(address, kobject)| Hidden {
             address,
-            kobject,
+            // A name that cannot be read does not keep the module from being reported: it is
+            // then named by its `struct module` (what a rootkit would rather prevent).
+            kobject: kobject.map(|kobject| ModuleKobject {
+                kobject,
+                name: kernel.kobject_name(off, kobject).unwrap_or_default(),
+                module: Some(address),
+            }),
             module: kernel.module_at(off, address).ok(),
         })
         .collect();
