@@ -162,7 +162,9 @@ impl ModuleSpan {
     }
 }
 
-/// Who owns an address.
+/// Who owns an address, as a finding reports it. Unlike [`kvmaccess_linux::Owner`], it knows
+/// the modules a rootkit hid from the list (found through the other views, and marked so), and
+/// it carries the `symbol+offset` text that findings print.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum Owner {

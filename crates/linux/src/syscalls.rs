@@ -93,10 +93,13 @@ pub enum NameSource {
     Unknown,
 }
 
-/// What owns the code an entry points at.
+/// What owns the code an entry points at. Coarser than [`crate::Owner`] on purpose: a table is
+/// decoded every monitor pass, and this needs only the symbol the entry resolves to and the
+/// bounds of kernel text, not the section and module-region ranges an [`crate::Owners`] map
+/// is built from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "name")]
-pub enum Owner {
+pub enum EntryOwner {
     /// The kernel image's text (`_stext`..`_etext`).
     KernelText,
     /// A module, by the symbol table's module name.
@@ -135,7 +138,7 @@ pub struct SyscallEntry {
     #[serde(serialize_with = "ser_opt_arc")]
     pub target: Option<Arc<str>>,
     /// What owns the target.
-    pub owner: Owner,
+    pub owner: EntryOwner,
     /// Points at the not-implemented stub (an unused number).
     pub unused: bool,
     /// Points exactly at the start of a wrapper of this ABI in kernel text, and (with metadata)
@@ -513,7 +516,7 @@ impl SyscallResolver {
                 name_source,
                 address,
                 target: Some(role.symbol.clone()),
-                owner: Owner::KernelText,
+                owner: EntryOwner::KernelText,
                 unused,
                 expected: matches,
             };
@@ -523,11 +526,11 @@ impl SyscallResolver {
         let target = kernel.symbols().describe(address).map(Arc::from);
         let in_text = self.text.is_some_and(|(s, e)| (s..e).contains(&address));
         let owner = match symbol {
-            _ if in_text => Owner::KernelText,
+            _ if in_text => EntryOwner::KernelText,
             Some((s, _)) if s.module.is_some() => {
-                Owner::Module(s.module.as_deref().unwrap_or_default().to_string())
+                EntryOwner::Module(s.module.as_deref().unwrap_or_default().to_string())
             }
-            _ => Owner::Unowned,
+            _ => EntryOwner::Unowned,
         };
         let name_source = if canonical.is_some() {
             NameSource::Metadata
@@ -887,13 +890,13 @@ mod tests {
         assert_eq!(e[0].name_source, NameSource::Symbol);
         assert!(!e[1].expected);
         assert_eq!(e[1].target.as_deref(), Some("__x64_sys_write+0x10"));
-        assert_eq!(e[1].owner, Owner::KernelText);
+        assert_eq!(e[1].owner, EntryOwner::KernelText);
         assert!(e[2].expected && e[2].unused && e[2].name.is_none());
         assert!(!e[3].expected);
-        assert_eq!(e[3].owner, Owner::Unowned);
+        assert_eq!(e[3].owner, EntryOwner::Unowned);
         assert_eq!(e[3].name_source, NameSource::Unknown);
         assert!(!e[4].expected);
-        assert_eq!(e[4].owner, Owner::Module("evil".into()));
+        assert_eq!(e[4].owner, EntryOwner::Module("evil".into()));
         assert_eq!(e[4].target.as_deref(), Some("evil_read+0x40 [evil]"));
         assert!(!e[5].expected);
         assert_eq!(x64.unexpected().count(), 4);
